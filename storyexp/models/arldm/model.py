@@ -1,0 +1,513 @@
+"""AR-LDM network: a latent-diffusion UNet whose cross-attention context is CLIP(caption) + BLIP(history).
+
+Plain ``torch.nn``; tokenisation, image pre-processing, optimisers and freezing live in the Lightning system.
+
+Tensor contract (B stories, V target frames, src_V source frames, S tokens):
+
+* ``images``            [B, V, 3, H, W] float in [-1, 1] — the target frames (VAE input).
+* ``captions``          [B, V, S] int64 CLIP ids of the target captions, ``attention_mask`` [B, V, S] (1 = token).
+* ``source_images``     [B, src_V, 3, Hb, Wb] BLIP-normalised frames (see ``blip.blip_preprocess``).
+* ``source_caption``    [B, src_V, S] int64 BERT ids ([CLS] first), ``source_attention_mask`` [B, src_V, S].
+
+Continuation: V = 4 targets (frames 1..4), src_V = 5. Visualization: V = 5 = src_V. In general target j is
+source frame j + src_V - V. Rows are story-major everywhere (row = b*V + j).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from .blip import BlipMultimodalEncoder, blip_null_image, blip_preprocess
+from .context import assemble_context, context_mask, keep_mask, unconditional_mask
+
+# Attention processors of diffusers that apply ``attention_mask`` in cross-attention. The original AR-LDM had
+# an xformers path that silently dropped the mask (future frames leaked); we refuse any processor not known to
+# honour it instead of trusting it.
+MASK_AWARE_PROCESSORS = (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+# Stable Diffusion's training schedule, used by AR-LDM.
+SD_NOISE_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+
+@dataclasses.dataclass
+class TrainingStepOutput:
+    """Loss of one AR-LDM training step plus the intermediates (for logging and parity checks)."""
+
+    loss: torch.Tensor
+    noise_pred: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy_latents: torch.Tensor
+    latents: torch.Tensor  # scaled latents (x0 of the diffusion)
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    encoder_attention_mask: torch.Tensor  # True = blocked
+    cfg_rows: torch.Tensor
+    caption_embeds: torch.Tensor
+    source_embeds: torch.Tensor
+    null_caption: torch.Tensor
+    null_source: torch.Tensor
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    """Uniform [0, 1) drawn on the generator's device (so a CPU generator also works for CUDA tensors)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _randint(high, shape, generator, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, high, shape, generator=generator, device=gen_device).to(device)
+
+
+def check_attention_processors(unet: UNet2DConditionModel) -> None:
+    """Refuse attention processors that might drop the cross-attention mask (future frames would leak)."""
+    for name, proc in unet.attn_processors.items():
+        if name.endswith("attn2.processor") and not isinstance(proc, MASK_AWARE_PROCESSORS):
+            raise RuntimeError(
+                f"UNet attention processor {type(proc).__name__} at {name} is not known to apply the "
+                "cross-attention mask; AR-LDM needs the mask (it hides future frames). Use one of "
+                + ", ".join(p.__name__ for p in MASK_AWARE_PROCESSORS)
+            )
+
+
+def masked_unet_forward(
+    unet: UNet2DConditionModel, latents: torch.Tensor, timesteps, context: torch.Tensor, blocked: torch.Tensor | None
+) -> torch.Tensor:
+    """Call a diffusers UNet with AR-LDM's mask (True = blocked), converted to diffusers' keep-mask only here.
+
+    diffusers turns the keep-mask into an additive -10000 bias on discarded positions, which equals the
+    original's -inf masking in float32 for every row with at least one visible position (AR-LDM rows always
+    see their caption's first token).
+    """
+    check_attention_processors(unet)
+    mask = None if blocked is None else keep_mask(blocked.to(latents.device), latents.dtype)
+    return unet(latents, timesteps, context, encoder_attention_mask=mask).sample
+
+
+def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3]: round(255 * clamp(x/2 + 0.5, 0, 1))."""
+    x = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class ARLDM(nn.Module):
+    """AR-LDM: UNet + frozen VAE + CLIP text encoder + BLIP multimodal encoder + modal/time embeddings.
+
+    Args:
+        unet: diffusers ``UNet2DConditionModel`` with ``cross_attention_dim`` = D.
+        vae: diffusers ``AutoencoderKL`` or :class:`PixelAutoencoder`; always frozen and in eval mode.
+        text_encoder: transformers ``CLIPTextModel`` of width D, position table >= S.
+        mm_encoder: :class:`BlipMultimodalEncoder` of width D.
+        clip_text_null_token / blip_text_null_token: [1, S] ids of the empty caption padded to S.
+        n_frames: rows of the time-embedding table (>= src_V; 5 in the original).
+        noise_scheduler: training ``DDPMScheduler`` (SD's scaled-linear schedule if None).
+        latent_scale_factor: latent scaling (``vae.config.scaling_factor`` if None, 0.18215 for SD).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        mm_encoder: BlipMultimodalEncoder,
+        clip_text_null_token: torch.Tensor,
+        blip_text_null_token: torch.Tensor,
+        n_frames: int = 5,
+        noise_scheduler: DDPMScheduler | None = None,
+        latent_scale_factor: float | None = None,
+    ):
+        super().__init__()
+        width = unet.config.cross_attention_dim
+        for name, w in (("text_encoder", text_encoder.config.hidden_size), ("mm_encoder", mm_encoder.hidden_size)):
+            if w != width:
+                raise ValueError(f"{name} width {w} differs from the UNet's cross_attention_dim {width}")
+        if clip_text_null_token.shape != blip_text_null_token.shape or clip_text_null_token.dim() != 2:
+            raise ValueError("clip_text_null_token and blip_text_null_token must both be [1, S]")
+        s = clip_text_null_token.shape[1]
+        for name, positions in (
+            ("CLIP position table", text_encoder.config.max_position_embeddings),
+            ("BLIP text position table", mm_encoder.config.text_max_positions),
+        ):
+            if positions < s:
+                raise ValueError(f"{name} has {positions} rows, fewer than max_length S={s}")
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.mm_encoder = mm_encoder
+        self.modal_type_embeddings = nn.Embedding(2, width)
+        self.time_embeddings = nn.Embedding(n_frames, width)
+        self.register_buffer("clip_text_null_token", clip_text_null_token.long().clone())
+        self.register_buffer("blip_text_null_token", blip_text_null_token.long().clone())
+        self.register_buffer("blip_image_null_token", blip_null_image(mm_encoder.image_size))
+        self.noise_scheduler = noise_scheduler or DDPMScheduler(**SD_NOISE_SCHEDULER)
+        if latent_scale_factor is None:
+            latent_scale_factor = getattr(vae.config, "scaling_factor", None) or 0.18215
+        self.latent_scale_factor = float(latent_scale_factor)
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+
+    # ---------------------------------------------------------------- sizes
+
+    @property
+    def max_length(self) -> int:
+        return self.clip_text_null_token.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.modal_type_embeddings.embedding_dim
+
+    @property
+    def vae_downsampling(self) -> int:
+        factor = getattr(self.vae.config, "downsampling_factor", None)
+        return int(factor) if factor else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # the VAE is frozen: never let it switch to train mode
+        return self
+
+    # ---------------------------------------------------------------- encoders
+
+    def encode_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """CLIP ``last_hidden_state`` of [N, S] ids (padding masked when a mask is given)."""
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_history(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """BLIP multimodal states [N, S, D] of (image, caption) pairs."""
+        return self.mm_encoder(pixel_values, input_ids, attention_mask)
+
+    def encode_batch(
+        self,
+        captions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        source_images: torch.Tensor,
+        source_caption: torch.Tensor,
+        source_attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP states of the target captions [B*V, S, D] and BLIP states of the source frames [B*src_V, S, D]."""
+        s = captions.shape[-1]
+        caption_embeds = self.encode_captions(captions.reshape(-1, s), attention_mask.reshape(-1, s))
+        source_embeds = self.encode_history(
+            source_images.flatten(0, 1), source_caption.reshape(-1, s), source_attention_mask.reshape(-1, s)
+        )
+        return caption_embeds, source_embeds
+
+    def null_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLIP of the empty caption without mask, BLIP of black image + empty caption without mask), [1, S, D].
+
+        Recomputed through the (possibly trainable) encoders each time, as in the original.
+        """
+        null_caption = self.encode_captions(self.clip_text_null_token, None)
+        null_source = self.encode_history(self.blip_image_null_token, self.blip_text_null_token, None)
+        return null_caption, null_source
+
+    # ---------------------------------------------------------------- UNet
+
+    def unet_forward(
+        self, latents: torch.Tensor, timesteps, context: torch.Tensor, blocked: torch.Tensor | None
+    ) -> torch.Tensor:
+        """UNet ε prediction with AR-LDM's mask (True = blocked)."""
+        return masked_unet_forward(self.unet, latents, timesteps, context, blocked)
+
+    # ---------------------------------------------------------------- training
+
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        captions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        source_images: torch.Tensor,
+        source_caption: torch.Tensor,
+        source_attention_mask: torch.Tensor,
+        cfg_rows: torch.Tensor | None = None,
+        cfg_prob: float = 0.1,
+        posterior_eps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainingStepOutput:
+        """One teacher-forced training step (ε-prediction MSE). Shapes: see the module docstring.
+
+        Random draws (each injectable, else drawn from ``generator``): ``cfg_rows`` [B*V] bool (each row replaced
+        by the unconditional context with probability ``cfg_prob``), ``posterior_eps`` (VAE posterior sample =
+        mean + std * eps), ``noise`` and ``timesteps`` [B*V] (uniform over the training schedule).
+        """
+        b, v = captions.shape[:2]
+        n = b * v
+        device = images.device
+        self._check_lengths(captions, source_caption)
+
+        caption_embeds, source_embeds = self.encode_batch(
+            captions, attention_mask, source_images, source_caption, source_attention_mask
+        )
+        null_caption, null_source = self.null_embeddings()
+        if cfg_rows is None:
+            cfg_rows = _rand((n,), generator, device) < cfg_prob
+        cfg_rows = cfg_rows.to(device=device, dtype=torch.bool).reshape(n)
+        context = assemble_context(
+            caption_embeds,
+            source_embeds,
+            self.modal_type_embeddings.weight,
+            self.time_embeddings.weight,
+            v,
+            cfg_rows,
+            null_caption,
+            null_source,
+        )
+        blocked = context_mask(attention_mask, source_attention_mask, cfg_rows)
+
+        with torch.no_grad():
+            posterior = self.vae.encode(images.flatten(0, 1).to(self.vae_dtype)).latent_dist
+            mean, std = posterior.mean, posterior.std
+            if posterior_eps is None:
+                posterior_eps = randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+            latents = (mean + std * posterior_eps.to(mean)) * self.latent_scale_factor
+        latents = latents.to(self.unet.dtype)
+        if noise is None:
+            noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        if timesteps is None:
+            timesteps = _randint(self.noise_scheduler.config.num_train_timesteps, (n,), generator, device)
+        timesteps = timesteps.to(device=device, dtype=torch.long)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise_pred = self.unet_forward(noisy, timesteps, context.to(self.unet.dtype), blocked)
+        # mean over C, H, W then over rows (= the overall mean, all rows having the same size)
+        loss = F.mse_loss(noise_pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
+        return TrainingStepOutput(
+            loss=loss,
+            noise_pred=noise_pred,
+            noise=noise,
+            timesteps=timesteps,
+            noisy_latents=noisy,
+            latents=latents,
+            latent_mean=mean,
+            latent_std=std,
+            encoder_hidden_states=context,
+            encoder_attention_mask=blocked,
+            cfg_rows=cfg_rows,
+            caption_embeds=caption_embeds,
+            source_embeds=source_embeds,
+            null_caption=null_caption,
+            null_source=null_source,
+        )
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        params = list(self.vae.parameters())
+        return params[0].dtype if params else self.unet.dtype
+
+    def _check_lengths(self, captions: torch.Tensor, source_caption: torch.Tensor) -> None:
+        s = self.max_length
+        if captions.shape[-1] != s or source_caption.shape[-1] != s:
+            raise ValueError(
+                f"captions must be padded to max_length={s} tokens, got {captions.shape[-1]} (CLIP) and "
+                f"{source_caption.shape[-1]} (BERT)"
+            )
+
+    # ---------------------------------------------------------------- sampling
+
+    def sampling_contexts(
+        self,
+        captions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        source_images: torch.Tensor,
+        source_caption: torch.Tensor,
+        source_attention_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Conditional and unconditional contexts [B, V, L, D] and masks [B, V, L] (True = blocked)."""
+        b, v, s = captions.shape
+        src_v = source_images.shape[1]
+        n = b * v
+        caption_embeds, source_embeds = self.encode_batch(
+            captions, attention_mask, source_images, source_caption, source_attention_mask
+        )
+        null_caption, null_source = self.null_embeddings()
+        modal, time = self.modal_type_embeddings.weight, self.time_embeddings.weight
+        cond = assemble_context(caption_embeds, source_embeds, modal, time, v)
+        all_rows = torch.ones(n, dtype=torch.bool, device=cond.device)
+        uncond = assemble_context(caption_embeds, source_embeds, modal, time, v, all_rows, null_caption, null_source)
+        cond_mask = context_mask(attention_mask, source_attention_mask)
+        uncond_mask = unconditional_mask(b, v, src_v, s, device=cond.device)
+        shape = (b, v) + cond.shape[1:]
+        return dict(
+            cond=cond.reshape(shape),
+            uncond=uncond.reshape(shape),
+            cond_mask=cond_mask.reshape(b, v, -1),
+            uncond_mask=uncond_mask.reshape(b, v, -1),
+            source_embeds=source_embeds,
+            null_source=null_source,
+        )
+
+    def guided_noise(
+        self,
+        latents: torch.Tensor,
+        t,
+        context: torch.Tensor,
+        blocked: torch.Tensor,
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance. ``context``/``blocked`` are [2B, ...] with the unconditional half first.
+
+        Returns (UNet output for [latents; latents] [2B, ...], guided ε_u + g (ε_c − ε_u) [B, ...]).
+        """
+        model_in = torch.cat([latents, latents], dim=0)
+        out = self.unet_forward(model_in, t, context, blocked)
+        eps_uncond, eps_cond = out.chunk(2)
+        return out, eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def history_update(self, new_embeds: torch.Tensor, frame: int) -> torch.Tensor:
+        """What the feedback writes into history slot ``frame``: BLIP states + modal[1] + time[frame]."""
+        return new_embeds + self.modal_type_embeddings.weight[1] + self.time_embeddings.weight[frame]
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> VAE decoder output (float, about [-1, 1])."""
+        return self.vae.decode((latents / self.latent_scale_factor).to(self.vae_dtype)).sample
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        blocked: torch.Tensor,
+        scheduler,
+        num_inference_steps: int,
+        guidance_scale: float,
+        step_kwargs: dict | None = None,
+        record: dict | None = None,
+    ) -> torch.Tensor:
+        """One frame's guided denoising loop from start latents [B, C, h, w]; returns the final latents.
+
+        ``record`` (optional dict) receives per-step stacks: ``initial_latents``, ``step_timesteps``,
+        ``step_latents_in``, ``step_unet_output``, ``step_guided_noise``, ``step_latents_out``.
+        """
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        keys = ("step_timesteps", "step_latents_in", "step_unet_output", "step_guided_noise", "step_latents_out")
+        rows: dict[str, list] = {key: [] for key in keys}
+        start = latents
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(latents, t)
+            out, guided = self.guided_noise(model_in, t, context, blocked, guidance_scale)
+            new = scheduler.step(guided, t, latents, **(step_kwargs or {})).prev_sample
+            if record is not None:
+                for key, value in zip(rows, (torch.as_tensor(t), latents, out, guided, new)):
+                    rows[key].append(value)
+            latents = new
+        if record is not None:
+            record["initial_latents"] = start
+            record.update({key: torch.stack(values) for key, values in rows.items()})
+        return latents
+
+    @torch.no_grad()
+    def sample(
+        self,
+        captions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        source_images: torch.Tensor,
+        source_caption: torch.Tensor,
+        source_attention_mask: torch.Tensor,
+        scheduler,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        height: int = 512,
+        width: int = 512,
+        eta: float = 0.0,
+        blip_resize_backend: str = "pil",
+        initial_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        trace: dict | None = None,
+    ) -> torch.Tensor:
+        """Auto-regressive guided sampling of all V target frames; returns uint8 [B, V, height, width, 3].
+
+        Frame by frame: denoise with CFG on [unconditional; conditional] contexts, decode, then encode the
+        generated image with BLIP together with the ground-truth BERT caption of its frame and write the result
+        (+ modal[1] + time[f]) into history slot f of the conditional context (f = i + src_V − V); the
+        unconditional context is never updated and the masks never change. Source images of target frames are
+        only placeholders: they stay masked until replaced by generated frames.
+
+        ``scheduler``: any diffusers scheduler (its ``set_timesteps`` is called for every frame, which also
+        resets multistep state); ``eta`` is passed where the scheduler's ``step`` takes it.
+        ``initial_latents``: optional [B, V, C, h, w] start latents (else N(0, I) from ``generator``), scaled by
+        ``scheduler.init_noise_sigma``. ``blip_resize_backend``: "pil" (the original's resize, exact) or "torch"
+        (see ``blip.blip_resize``). ``trace``: optional dict filled with per-frame intermediates.
+        """
+        b, v, s = captions.shape
+        src_v = source_images.shape[1]
+        offset = src_v - v
+        device = self.modal_type_embeddings.weight.device
+        self._check_lengths(captions, source_caption)
+        f = self.vae_downsampling
+        if height % f or width % f:
+            raise ValueError(f"height/width must be multiples of the VAE factor {f}, got {height}x{width}")
+        latent_shape = (b, self.unet.config.in_channels, height // f, width // f)
+
+        ctx = self.sampling_contexts(captions, attention_mask, source_images, source_caption, source_attention_mask)
+        cond, uncond = ctx["cond"].clone(), ctx["uncond"]
+        step_kwargs = {}
+        step_params = inspect.signature(scheduler.step).parameters
+        if "eta" in step_params:
+            step_kwargs["eta"] = eta
+        if "generator" in step_params:  # stochastic samplers (DDPM, DDIM with eta > 0) draw from our generator
+            step_kwargs["generator"] = generator
+        if trace is not None:
+            trace["blip_source_embeddings"] = ctx["source_embeds"]
+            trace["blip_null_embedding"] = ctx["null_source"]
+
+        frames = []
+        for i in range(v):
+            context = torch.cat([uncond[:, i], cond[:, i]], dim=0).to(self.unet.dtype)
+            blocked = torch.cat([ctx["uncond_mask"][:, i], ctx["cond_mask"][:, i]], dim=0)
+            if initial_latents is not None:
+                latents = initial_latents[:, i].to(device=device, dtype=self.unet.dtype)
+            else:
+                latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = latents * scheduler.init_noise_sigma
+            steps = {} if trace is not None else None
+            latents = self.denoise(
+                latents, context, blocked, scheduler, num_inference_steps, guidance_scale, step_kwargs, steps
+            )
+            decoded = self.decode_latents(latents)
+            images = to_uint8_images(decoded)
+            frames.append(images)
+
+            # Feedback: the generated frame, with the ground-truth caption of its frame, becomes history slot
+            # `frame` of the conditional context. Done for the last target too, as in the original.
+            frame = i + offset
+            pixels = blip_preprocess(
+                images, self.mm_encoder.image_size, device=device, dtype=cond.dtype, backend=blip_resize_backend
+            )
+            new = self.encode_history(pixels, source_caption[:, frame], source_attention_mask[:, frame])
+            cond[:, :, (1 + frame) * s : (2 + frame) * s] = self.history_update(new, frame).unsqueeze(1)
+
+            if trace is not None:
+                trace[f"frame{i}_encoder_hidden_states"] = context
+                trace[f"frame{i}_encoder_attention_mask"] = blocked
+                trace.update({f"frame{i}_{key}": value for key, value in steps.items()})
+                trace[f"frame{i}_vae_decode_input"] = latents / self.latent_scale_factor
+                trace[f"frame{i}_vae_decode_output"] = decoded
+                trace[f"frame{i}_images_uint8"] = images
+                trace[f"frame{i}_blip_new_embedding"] = new
+        return torch.stack(frames, dim=1)

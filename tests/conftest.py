@@ -1,0 +1,76 @@
+"""Shared test helpers: compose the real config tree with small overrides, point every path at tmp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+os.environ.setdefault("STORYEXP_ROOT", str(REPO))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parity_dir() -> Path:
+    return Path(os.environ.get("STORYEXP_PARITY_DIR", REPO.parent / "shared" / "parity")).resolve()
+
+
+def fixtures_dir() -> Path:
+    return Path(os.environ.get("STORYEXP_FIXTURES_DIR", REPO.parent / "shared" / "fixtures")).resolve()
+
+
+# A small demo set shared by the whole session (generated once, a few seconds).
+TINY_DEMO = [
+    "data.demo.n_train=48",
+    "data.demo.n_val=8",
+    "data.demo.n_test=8",
+    "data.demo.resolution=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+]
+
+# The tiny AR-LDM and a run that takes seconds on CPU.
+TINY_RUN = [
+    "model=arldm_tiny",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.max_steps=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "eval.classifier.epochs=1",
+    "eval.num_grid_stories=2",
+    "callbacks.story_grids.num_stories=2",
+    "logger=csv",
+]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None):
+    """Compose conf/config.yaml like launch.py would, with every output under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(data_dir or tmp_path / "data")
+        cfg.paths.weights_dir = str(tmp_path / "weights")
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """One data folder for the session, so the tiny demo set and classifier are built once."""
+    return tmp_path_factory.mktemp("data")
