@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import hydra.errors
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -52,24 +53,35 @@ def run_task(cfg: DictConfig) -> float | None:
 # --------------------------------------------------------------------------------------------- builders
 
 
+def instantiate(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a user-facing error inside a constructor surfaces as itself
+    (Hydra wraps it in InstantiationException, which would turn a clear message into a traceback)."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except hydra.errors.InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    return instantiate(cfg.data)
 
 
 def build_model(cfg: DictConfig) -> L.LightningModule:
-    return hydra.utils.instantiate(cfg.model, _convert_="all")
+    return instantiate(cfg.model)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [hydra.utils.instantiate(c, _convert_="all") for c in _targets(cfg.get("callbacks"))]
+    return [instantiate(c) for c in _targets(cfg.get("callbacks"))]
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [hydra.utils.instantiate(c, _convert_="all") for c in _targets(cfg.get("logger"))]
+    return [instantiate(c) for c in _targets(cfg.get("logger"))]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def _targets(group: DictConfig | None) -> list[DictConfig]:
@@ -97,7 +109,8 @@ def build_all(cfg: DictConfig):
 def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) -> None:
     if not trainer.loggers:
         return
-    hparams = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    hparams = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+               for key in cfg if key != "hydra"}
     hparams["params/total"] = sum(p.numel() for p in model.parameters())
     hparams["params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for logger in trainer.loggers:

@@ -74,3 +74,14 @@ def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = No
 def shared_data_dir(tmp_path_factory) -> Path:
     """One data folder for the session, so the tiny demo set and classifier are built once."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread():
+    """Tiny models run faster on one thread than on two that stall each other on a shared machine."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -408,18 +408,15 @@ def test_tokenizer_writers_round_trip(tmp_path):
 
 
 def test_build_with_kl_autoencoder(tmp_path):
-    model = build_arldm_from_sizes(
+    components = build_arldm_from_sizes(
         WORDS, tmp_path, max_length=S, unet=dict(sample_size=8),
         vae=dict(kind="kl", block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4),
-    ).model
+    )
+    model = components.model
     assert model.vae_downsampling == 2 and model.latent_scale_factor == pytest.approx(0.18215)
     assert not any(p.requires_grad for p in model.vae.parameters())
-    components = type("C", (), {"model": model, "clip_tokenizer": None, "blip_tokenizer": None})
-    batch = _batch(build_arldm_from_sizes(WORDS, tmp_path / "t2", max_length=S), TEXTS, 4)
-    batch["source_images"] = torch.randn(1, SOURCES, 3, model.mm_encoder.image_size, model.mm_encoder.image_size)
-    del components
     with torch.no_grad():
-        out = model.training_loss(**batch)
+        out = model.training_loss(**_batch(components, TEXTS, 4))
     assert out.noise_pred.shape == (4, 4, SIZE // 2, SIZE // 2) and torch.isfinite(out.loss)
     model.train()
     assert not model.vae.training and model.unet.training

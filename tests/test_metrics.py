@@ -292,7 +292,9 @@ def test_feature_extractor_contract(trained):
     fe.train()
     assert not fe.training
     x = torch.rand(2, 3, 40, 40)
-    assert fe(x).shape == (2, fe.num_features)
+    out = fe(x)
+    assert out.shape == (2, fe.num_features) and out.dtype == torch.float64
+    torch.testing.assert_close(out, clf.features(x).double())
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
@@ -300,9 +302,6 @@ def test_demo_fid_identical_shifted_and_errors(trained, data):
     clf, _ = trained
     (x, _), (xv, _) = data
     fid = DemoFID(clf)
-    # set_dtype(float64) converts the metric's own copy, never the caller's classifier.
-    assert next(clf.parameters()).dtype == torch.float32
-    assert next(fid.inception.parameters()).dtype == torch.float64
 
     with pytest.raises(RuntimeError, match="at least 2"):
         fid.compute()
@@ -328,6 +327,17 @@ def test_demo_fid_identical_shifted_and_errors(trained, data):
     fid.update(shifted, real=False)
     far = float(fid.compute())
     assert same < other_sample < far, (same, other_sample, far)
+
+    assert isinstance(fid.compute(), torch.Tensor) and fid.compute().dtype == torch.float64
+
+    # set_dtype(float64) converts the metric's own copy of the network, never the caller's classifier, and the
+    # copy then runs in float64 with the same result.
+    fid.set_dtype(torch.float64)
+    assert next(clf.parameters()).dtype == torch.float32
+    assert next(fid.inception.parameters()).dtype == torch.float64
+    fid.reset()
+    fid.update(shifted, real=False)
+    assert float(fid.compute()) == pytest.approx(far, rel=1e-5)
 
     fid.reset_real()
     assert int(fid.real_features_num_samples) == 0
@@ -379,3 +389,25 @@ def test_metric_suite_merges_and_refuses_duplicate_names(trained, data):
     with pytest.raises(ValueError, match="fid_demo|char_f1"):
         dup.compute()
     assert not math.isnan(suite.compute()["char_f1"])
+
+
+# ---------------------------------------------------------------------------------------------- acceptance (slow)
+
+
+@pytest.mark.slow
+def test_classifier_on_the_demo_dataset_reaches_098():
+    """Default settings on ~15k demo training frames: >= 0.98 frame accuracy on held-out demo frames."""
+    demo = pytest.importorskip("storyexp.data.demo")
+    stories = demo.generate_demo_stories(seed=0, n_train=3000, n_val=100, n_test=200)
+
+    def split(name):
+        frames = np.stack([f for s in stories[name] for f in s.frames])
+        return frames, np.concatenate([s.labels for s in stories[name]]).astype(np.float32)
+
+    (x, y), (xv, yv), (xt, yt) = split("train"), split("val"), split("test")
+    clf, report = train_character_classifier(x, y, val_frames=xv, val_labels=yv, seed=0)
+    m = CharacterScores(clf.num_classes)
+    m.update(clf.predict_logits(xt), yt)
+    scores = {k: float(v) for k, v in m.compute().items()}
+    print(f"demo classifier: {report['train_time_s']:.1f}s for {len(x)} frames x {report['epochs']} epochs, {scores}")
+    assert scores["frame_acc"] >= 0.98 and scores["char_f1"] >= 0.98

@@ -58,8 +58,13 @@ def _image(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _font(cell: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # Pillow's bundled font. At its default 10 px the spaces render 2 px wide and words run together, so
+    # cells wide enough for it get 12 px.
+    try:
+        return ImageFont.load_default(size=12 if cell >= 64 else 10)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
 
 
 def _safe_text(text: str, font: Any) -> str:
@@ -168,7 +173,7 @@ def story_grid(
             + (" plus a source frame (give V or V + 1 captions)" if src is not None else " (give one per frame)")
         )
 
-    font = _font()
+    font = _font(cell)
     line_h = _line_height(font)
     names: list[str] = []
     if row_labels is not None:

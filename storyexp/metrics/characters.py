@@ -83,7 +83,9 @@ class CharacterScores(Metric):
             return preds > math.log(self.threshold / (1.0 - self.threshold))
         if self.input_format == "probs":
             if not preds.is_floating_point():
-                raise TypeError(f"CharacterScores(input_format='probs'): expected float probabilities, got {preds.dtype}")
+                raise TypeError(
+                    f"CharacterScores(input_format='probs'): expected float probabilities, got {preds.dtype}"
+                )
             if preds.numel() and (float(preds.min()) < 0.0 or float(preds.max()) > 1.0):
                 raise ValueError(
                     "CharacterScores(input_format='probs'): probabilities must be in [0, 1] "
@@ -124,5 +126,6 @@ class CharacterScores(Metric):
         }
 
     def per_class_f1(self) -> Tensor:
-        """F1 of each character ``[C]`` (same zero-division rule), from the states accumulated so far."""
-        return self._f1(self.tp, self.fp, self.fn)
+        """F1 of each character ``[C]`` (same zero-division rule), over all processes' states so far."""
+        with self.sync_context():
+            return self._f1(self.tp, self.fp, self.fn)

@@ -36,7 +36,7 @@ class DemoStoryEvaluator(nn.Module):
     generated ones.
 
     It is an ``nn.Module`` so that ``.to(device)`` moves the classifier and all metric states. The classifier is
-    used as given (eval mode) for the character scores; the FID holds a frozen float64 copy.
+    used as given (eval mode) for the character scores; the FID holds a frozen copy.
     """
 
     def __init__(

@@ -46,8 +46,10 @@ def build_arldm(network: dict[str, Any], characters: list[str], max_length: int)
                 **network,
             )
         except MissingWeightsError as err:
-            raise MissingResourceError("Pretrained weights for model=arldm", "the paths below",
-                                       f"\n{err}\nSee README.md, 'Weights'.") from err
+            raise MissingResourceError(
+                f"Pretrained weights for the AR-LDM model are missing.\n{err}\n"
+                "Put them under the weights directory (README.md, 'Weights') or point model.network.* at them."
+            ) from err
     else:
         raise ConfigurationError(f"model.network.source must be one of {SOURCES}, got {source!r}.")
     if init_from:

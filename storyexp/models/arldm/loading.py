@@ -132,7 +132,8 @@ def _resolve(
             problems.append(f"  (folder {path} is incomplete; get the files from {source_hint})")
             return None
         return path
-    if path.is_absolute() or str(name).startswith((".", "~")) or os.sep + os.sep in str(name):
+    # hub ids look like "owner/name"; anything else that is not a folder is a missing local path
+    if path.is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
         problems.append(f"folder {path} does not exist (expected the files of {source_hint})")
         return None
     snap = _snapshot(str(name), files, local_files_only)
@@ -169,7 +170,8 @@ def _null_tokens(clip_tokenizer, blip_tokenizer, max_length: int) -> tuple[torch
 
 
 def _noise_scheduler(config: Mapping | None) -> DDPMScheduler:
-    return DDPMScheduler.from_config(dict(config)) if config else DDPMScheduler(**SD_NOISE_SCHEDULER)
+    # keys not given keep Stable Diffusion's schedule (not DDPMScheduler's own linear default)
+    return DDPMScheduler.from_config({**SD_NOISE_SCHEDULER, **dict(config or {})})
 
 
 def _blip_config(blip_config, med_config, vision) -> BlipMultimodalConfig:

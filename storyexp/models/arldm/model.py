@@ -237,6 +237,22 @@ class ARLDM(nn.Module):
 
     # ---------------------------------------------------------------- training
 
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet regresses: ε for AR-LDM (``prediction_type="epsilon"``, the default and the original).
+
+        ``v_prediction`` and ``sample`` (x0) follow the noise scheduler's ``prediction_type``, so a small model
+        trained from scratch (the CPU demo) can use a parameterisation that learns faster; the samplers read the
+        same setting from the scheduler config, so training and sampling always agree.
+        """
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {kind!r}: expected epsilon, v_prediction or sample")
+
     def training_loss(
         self,
         images: torch.Tensor,
@@ -296,8 +312,9 @@ class ARLDM(nn.Module):
         timesteps = timesteps.to(device=device, dtype=torch.long)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         noise_pred = self.unet_forward(noisy, timesteps, context.to(self.unet.dtype), blocked)
+        target = self.training_target(latents, noise, timesteps)
         # mean over C, H, W then over rows (= the overall mean, all rows having the same size)
-        loss = F.mse_loss(noise_pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
+        loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
         return TrainingStepOutput(
             loss=loss,
             noise_pred=noise_pred,

@@ -1,0 +1,161 @@
+"""End-to-end tasks on the tiny AR-LDM and a tiny demo set: train -> test -> eval -> sample, resume,
+W&B offline logging, and the user-facing errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storyexp.errors import ConfigurationError, MissingResourceError
+from storyexp.tasks import run_task
+
+from .conftest import REPO, TINY_DEMO, TINY_RUN, compose_cfg
+
+METRIC_KEYS = ("test/loss", "test/fid_demo", "test/char_f1", "test/frame_acc", "baseline/char_f1",
+               "baseline/frame_acc")
+
+
+def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    cfg = compose_cfg(TINY_DEMO + TINY_RUN + list(overrides), tmp_path / name, data_dir=data_dir)
+    run_task(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    return metrics, out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_data_dir):
+    """One tiny continuation run: 2 training steps, validation, test with sampling and metrics."""
+    tmp = tmp_path_factory.mktemp("trained")
+    metrics, out = run(tmp, shared_data_dir, "trainer.limit_train_batches=2", "trainer.max_steps=-1")
+    return metrics, out, tmp
+
+
+def test_train_writes_metrics_grids_and_checkpoints(trained):
+    metrics, out, _ = trained
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+    for key in ("test/char_f1", "test/frame_acc", "baseline/char_f1", "baseline/frame_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert np.isfinite(metrics["test/loss"]) and metrics["test/fid_demo"] >= 0
+    assert "val/loss" in metrics
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"]["best"] and Path(summary["checkpoints"]["best"]).is_file()
+    grids = sorted((out / "grids" / "test").glob("story_*.png"))
+    assert len(grids) == 2
+    assert list((out / "grids" / "val").glob("epoch*.png"))
+    assert (out / "csv" / "metrics.csv").is_file()
+
+
+def test_eval_reproduces_the_test_loss(trained, shared_data_dir):
+    metrics, out, tmp = trained
+    best = json.loads((out / "summary.json").read_text())["checkpoints"]["best"]
+    evaluated, _ = run(tmp, shared_data_dir, "task=eval", f"ckpt_path={best}", name="eval")
+    # validation/test losses use fixed noise per story, so the same weights give the same loss
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    assert evaluated["test/frame_acc"] == pytest.approx(metrics["test/frame_acc"], abs=1e-6)
+
+
+def test_sample_from_split_and_from_captions(trained, shared_data_dir, tmp_path):
+    _, out, tmp = trained
+    ckpt = out / "checkpoints" / "last.ckpt"
+    _, sample_out = run(tmp, shared_data_dir, "task=sample", f"ckpt_path={ckpt}", "sample.num_stories=3",
+                        name="sample_split")
+    assert len(list((sample_out / "samples").glob("story_*.png"))) == 3
+    frames = sorted((sample_out / "samples" / "story_000").glob("frame_*.png"))
+    assert [f.name for f in frames] == ["frame_1.png", "frame_2.png", "frame_3.png", "frame_4.png"]
+
+    from PIL import Image
+
+    source = tmp_path / "source.png"
+    Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(source)
+    captions = "[pip waves in the park .,pip jumps .,bo walks .,gus sleeps .,mo dances .]"
+    _, user_out = run(tmp, shared_data_dir, "task=sample", f"ckpt_path={ckpt}", f"sample.captions={captions}",
+                      f"sample.source_image={source}", name="sample_user")
+    frames = sorted((user_out / "samples" / "story_000").glob("frame_*.png"))
+    assert len(frames) == 4
+    with Image.open(frames[0]) as im:
+        assert im.size == (32, 32)
+
+    with pytest.raises(ConfigurationError, match="5-frame stories"):
+        run(tmp, shared_data_dir, "task=sample", f"ckpt_path={ckpt}", "sample.captions=[a,b]",
+            f"sample.source_image={source}", name="sample_bad")
+    with pytest.raises(ConfigurationError, match="source_image"):
+        run(tmp, shared_data_dir, "task=sample", f"ckpt_path={ckpt}", f"sample.captions={captions}",
+            name="sample_nosource")
+
+
+def test_resume_continues_at_the_same_step(trained, shared_data_dir):
+    _, out, tmp = trained
+    last = out / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert step == 2
+    _, resumed = run(tmp, shared_data_dir, f"ckpt_path={last}", "trainer.limit_train_batches=2",
+                     "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false", name="resume")
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
+    logged_steps = [int(line.split(",")[2]) for line in (resumed / "csv" / "metrics.csv").read_text().splitlines()[1:]
+                    if line.split(",")[2]]
+    assert min(logged_steps) >= 2  # nothing was re-trained from step 0
+
+
+def test_visualization_task_trains_and_samples(shared_data_dir, tmp_path):
+    metrics, out = run(tmp_path, shared_data_dir, "data.task=visualization", "trainer.limit_train_batches=1",
+                       "trainer.max_steps=-1", "eval.baseline=null")
+    assert "test/frame_acc" in metrics and "baseline/frame_acc" not in metrics
+    from PIL import Image
+
+    with Image.open(sorted((out / "grids" / "test").glob("story_*.png"))[0]) as im:
+        assert im.size[0] > 5 * 32  # five generated columns
+
+
+def test_wandb_offline_run_holds_the_metrics(shared_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    metrics, out = run(tmp_path, shared_data_dir, "logger=wandb", "trainer.limit_train_batches=1",
+                       "trainer.max_steps=-1", "eval=loss_only")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run's record file (protobuf records: key, then the value as JSON) holds the metrics
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in ("train/loss", "val/loss", "test/loss"):
+        assert key.encode() in records, key
+    assert json.dumps(metrics["test/loss"]).encode() in records
+    # a second job gets its own run (wandb.finish() after every task)
+    _, out2 = run(tmp_path, shared_data_dir, "logger=wandb", "trainer.limit_train_batches=1",
+                  "trainer.max_steps=-1", "eval=loss_only", name="second")
+    runs2 = list((out2 / "wandb").glob("offline-run-*"))
+    assert len(runs2) == 1 and runs2[0].name != runs[0].name
+
+
+def test_eval_requires_a_checkpoint(shared_data_dir, tmp_path):
+    with pytest.raises(ConfigurationError, match="ckpt_path"):
+        run(tmp_path, shared_data_dir, "task=eval")
+    with pytest.raises(MissingResourceError, match="nope.ckpt"):
+        run(tmp_path, shared_data_dir, "task=eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+
+
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "STORYEXP_DATA_DIR": str(cwd / "data"),
+           "STORYEXP_WEIGHTS_DIR": str(cwd / "weights"), "HOME": str(cwd)}
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args, f"paths.log_dir={cwd / 'logs'}"],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_launch_missing_dataset_gives_one_clear_message(tmp_path):
+    proc = launch("model=arldm", "data=ssid", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "storyexp: error: ssid dataset file is missing" in proc.stderr
+    assert "IEEE DataPort" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_launch_unknown_model_name(tmp_path):
+    proc = launch("model=nope", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr and "arldm" in proc.stderr
