@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ from storyexp.utils import register_resolvers
 from storyexp.utils.io import atomic_write_text
 
 log = logging.getLogger("storyexp")
+
+# Known, harmless notices that would otherwise bury the results: the autoencoder is deliberately kept in
+# eval mode while training, and Lightning's own pytree code triggers a torch deprecation notice.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 # what launch.py reports as a message rather than a traceback
 UserError = (StoryexpError, StoryDataError)

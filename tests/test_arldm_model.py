@@ -45,15 +45,6 @@ SIZE = 16  # image size of the tiny tests
 SOURCES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine it makes every op much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     components = build_arldm_from_sizes(

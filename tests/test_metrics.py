@@ -64,16 +64,6 @@ def make_frames(n: int, seed: int, size: int = 32, max_chars: int = 2) -> tuple[
 TINY = dict(input_size=16, channels=(16, 32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions gain nothing from a second thread, and OpenMP threads slow down by orders of magnitude
-    # when other processes share the two cores; one thread keeps this file's run time predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return make_frames(900, seed=0), make_frames(300, seed=1)

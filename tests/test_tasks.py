@@ -155,7 +155,14 @@ def test_launch_missing_dataset_gives_one_clear_message(tmp_path):
     assert "IEEE DataPort" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_launch_unknown_model_name(tmp_path):
-    proc = launch("model=nope", cwd=tmp_path)
+@pytest.mark.parametrize("group,known", [("model", "arldm"), ("data", "flintstones")])
+def test_launch_unknown_option_name(tmp_path, group, known):
+    proc = launch(f"{group}=nope", cwd=tmp_path)
     assert proc.returncode != 0
-    assert "Could not find 'model/nope'" in proc.stderr and "arldm" in proc.stderr
+    assert f"Could not find '{group}/nope'" in proc.stderr and known in proc.stderr
+
+
+def test_bf16_mixed_precision_trains_on_cpu(shared_data_dir, tmp_path):
+    metrics, _ = run(tmp_path, shared_data_dir, "trainer.precision=bf16-mixed", "trainer.limit_train_batches=1",
+                     "trainer.max_steps=-1", "eval=loss_only")
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["test/loss"])

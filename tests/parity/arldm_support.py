@@ -142,14 +142,3 @@ def step_kwargs(scheduler, eta: float) -> dict:
     return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run the tiny parity models on one intra-op thread (restored afterwards).
-
-    The models are far too small to gain from a second thread, and on a shared 2-core machine an OpenMP team
-    waiting for a descheduled thread makes every op 10-40x slower. Import this fixture into each test module.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

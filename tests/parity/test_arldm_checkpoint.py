@@ -8,7 +8,6 @@ import torch
 from . import arldm_support as S
 
 S.skip_if_absent()
-single_thread = S.single_thread  # autouse fixture
 
 from storyexp.models.arldm import (  # noqa: E402
     BlipMultimodalConfig,

@@ -15,7 +15,6 @@ import torch
 from . import arldm_support as S
 
 S.skip_if_absent()
-single_thread = S.single_thread  # autouse fixture
 
 from storyexp.models.arldm import blip_preprocess, blip_resize, to_uint8_images  # noqa: E402
 

@@ -7,7 +7,6 @@ import pytest
 from . import arldm_support as S
 
 S.skip_if_absent()
-single_thread = S.single_thread  # autouse fixture
 
 from storyexp.models.arldm import (  # noqa: E402
     add_character_tokens,

@@ -10,7 +10,6 @@ import torch
 from . import arldm_support as S
 
 S.skip_if_absent()
-single_thread = S.single_thread  # autouse fixture
 
 TRAIN_CASES = sorted(S.meta_or_empty().get("train_cases", {}))
 

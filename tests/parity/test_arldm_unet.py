@@ -10,7 +10,6 @@ import torch
 from . import arldm_support as S
 
 S.skip_if_absent()
-single_thread = S.single_thread  # autouse fixture
 
 from storyexp.models.arldm import masked_unet_forward  # noqa: E402
 

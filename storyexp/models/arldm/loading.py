@@ -174,6 +174,24 @@ def _noise_scheduler(config: Mapping | None) -> DDPMScheduler:
     return DDPMScheduler.from_config({**SD_NOISE_SCHEDULER, **dict(config or {})})
 
 
+def _assemble(unet, vae, text_encoder, mm_encoder, clip_tokenizer, blip_tokenizer, max_length: int, n_frames: int,
+              noise_scheduler_config: Mapping | None, latent_scale_factor: float | None) -> ARLDMComponents:
+    """The networks + AR-LDM's null-caption buffers and training schedule, as one model with its tokenizers."""
+    clip_null, blip_null = _null_tokens(clip_tokenizer, blip_tokenizer, max_length)
+    model = ARLDM(
+        unet,
+        vae,
+        text_encoder,
+        mm_encoder,
+        clip_null,
+        blip_null,
+        n_frames=n_frames,
+        noise_scheduler=_noise_scheduler(noise_scheduler_config),
+        latent_scale_factor=latent_scale_factor,
+    )
+    return ARLDMComponents(model, clip_tokenizer, blip_tokenizer)
+
+
 def _blip_config(blip_config, med_config, vision) -> BlipMultimodalConfig:
     if isinstance(blip_config, BlipMultimodalConfig):
         return dataclasses.replace(blip_config)
@@ -258,19 +276,8 @@ def build_arldm_from_pretrained(
 
     vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"))
     unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
-    clip_null, blip_null = _null_tokens(clip_tokenizer, blip_tokenizer, max_length)
-    model = ARLDM(
-        unet,
-        vae,
-        text_encoder,
-        mm_encoder,
-        clip_null,
-        blip_null,
-        n_frames=n_frames,
-        noise_scheduler=_noise_scheduler(noise_scheduler_config),
-        latent_scale_factor=latent_scale_factor,
-    )
-    return ARLDMComponents(model, clip_tokenizer, blip_tokenizer)
+    return _assemble(unet, vae, text_encoder, mm_encoder, clip_tokenizer, blip_tokenizer, max_length, n_frames,
+                     noise_scheduler_config, latent_scale_factor)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,19 +380,9 @@ def build_arldm_from_sizes(
         unet_module = UNet2DConditionModel(
             in_channels=latent_channels, out_channels=latent_channels, cross_attention_dim=width, **unet_sizes
         )
-        clip_null, blip_null = _null_tokens(clip_tokenizer, blip_tokenizer, max_length)
-        model = ARLDM(
-            unet_module,
-            vae_module,
-            text_encoder,
-            mm_encoder,
-            clip_null,
-            blip_null,
-            n_frames=n_frames,
-            noise_scheduler=_noise_scheduler(noise_scheduler_config),
-            latent_scale_factor=latent_scale_factor,
-        )
-    return ARLDMComponents(model, clip_tokenizer, blip_tokenizer)
+        components = _assemble(unet_module, vae_module, text_encoder, mm_encoder, clip_tokenizer, blip_tokenizer,
+                               max_length, n_frames, noise_scheduler_config, latent_scale_factor)
+    return components
 
 
 # --------------------------------------------------------------------------------------------------------------
