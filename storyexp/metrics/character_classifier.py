@@ -223,7 +223,8 @@ def _evaluate(model: CharacterClassifier, frames: Tensor, labels: Tensor, batch_
     """Scores on original-size frames through the model's own preprocessing, exactly as at inference."""
     from storyexp.metrics.characters import CharacterScores
 
-    scores = CharacterScores(num_classes=model.num_classes, input_format="logits")
+    # local scores: training may run on one process of a DDP job, where a cross-process sync would hang
+    scores = CharacterScores(num_classes=model.num_classes, input_format="logits", sync_on_compute=False)
     scores.update(model.predict_logits(frames, batch_size=batch_size), labels)
     return {k: float(v) for k, v in scores.compute().items()}
 
