@@ -334,7 +334,7 @@ def build_arldm_from_sizes(
 
     Args:
         words: vocabulary for both tokenizers (captions of the demo / fixture data).
-        tokenizer_dir: where the ``clip/`` and ``bert/`` tokenizer folders are written (a temp dir if None).
+        tokenizer_dir: where the ``clip/`` and ``bert/`` tokenizer folders are written (a scratch dir, removed after loading, if None).
         width: D (CLIP, BERT and UNet cross-attention width).
         clip / blip / unet: size overrides merged over tiny defaults. ``clip``: num_layers, num_heads,
             intermediate_size, hidden_act, layer_norm_eps. ``blip``: fields of :class:`BlipMultimodalConfig`.
@@ -344,9 +344,11 @@ def build_arldm_from_sizes(
         seed: initialisation seed (the global RNG state is left untouched).
     """
     words = list(words)
-    tokenizer_dir = Path(tokenizer_dir or tempfile.mkdtemp(prefix="arldm_tokenizers_"))
-    clip_tokenizer = load_clip_tokenizer(write_clip_tokenizer(words, tokenizer_dir / "clip", max_length))
-    blip_tokenizer = load_blip_tokenizer(write_bert_tokenizer(words, tokenizer_dir / "bert"))
+    with tempfile.TemporaryDirectory(prefix="arldm_tokenizers_") as scratch:
+        # the tokenizers hold their vocabularies in memory once loaded, so a scratch folder is enough
+        folder = Path(tokenizer_dir or scratch)
+        clip_tokenizer = load_clip_tokenizer(write_clip_tokenizer(words, folder / "clip", max_length))
+        blip_tokenizer = load_blip_tokenizer(write_bert_tokenizer(words, folder / "bert"))
     add_character_tokens(clip_tokenizer, new_tokens)
     add_character_tokens(blip_tokenizer, new_tokens)
 

@@ -1,0 +1,407 @@
+"""The ARLDM HDF5 story layout: reader (:class:`HDF5Stories`) and writer (:func:`write_stories_hdf5`).
+
+Layout (what ARLDM's ``data_script/*_hdf5.py`` write, see ``reference/arldm.md`` §4.1):
+
+* top-level groups ``train`` / ``val`` / ``test``;
+* in each, datasets ``image0`` .. ``image4`` of shape ``(N,)``, dtype ``h5py.vlen_dtype(uint8)``: each element
+  the bytes of a PNG written by ``cv2.imencode('.png', rgb_array)``. OpenCV takes the RGB array for BGR, so
+  the PNG on disk has red and blue **swapped**; ``cv2.imdecode(..., cv2.IMREAD_COLOR)`` swaps them back and
+  returns the original RGB. This module does exactly that on both sides, so files written here read the
+  same in ARLDM's own readers, and ARLDM's files read the same here;
+* one text dataset of shape ``(N,)``, ``h5py.string_dtype('utf-8')``: the 5 captions of a story joined by
+  ``|``. Named ``text`` (Pororo, Flintstones, and files written here by default), ``ssid`` (SSID) or
+  ``sis`` / ``dii`` (VIST);
+* optional ``labels`` ``[N, 5, C]`` float32 multi-hot characters, optional ``ids`` ``(N,)`` string story ids
+  and file attributes with metadata (written by this project; ARLDM's readers ignore them).
+
+Frames are returned as stored: a PororoSV strip of k frames is one ``128k x 128`` image and a FlintstonesSV
+clip one ``640 x 128`` image; choosing one frame out of them is up to the dataset-specific reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+
+from .story import N_FRAMES, Story, StoryDataError
+
+__all__ = [
+    "HDF5Stories",
+    "write_stories_hdf5",
+    "decode_png",
+    "encode_png",
+    "TEXT_KEYS",
+    "SPLITS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
+
+#: Names of the caption dataset, in auto-detection order.
+TEXT_KEYS = ("text", "ssid", "sis", "dii")
+#: Split groups of the layout.
+SPLITS = ("train", "val", "test")
+#: File attributes written by :func:`write_stories_hdf5`.
+FORMAT_NAME = "storyexp-arldm-hdf5"
+FORMAT_VERSION = 1
+_CAPTION_SEP = "|"
+
+
+# --------------------------------------------------------------------------------------------- PNG codec
+
+
+def encode_png(frame: np.ndarray) -> np.ndarray:
+    """PNG bytes of an RGB uint8 frame, written the way ARLDM's converters do (channel-swapped on disk)."""
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(frame))
+    if not ok:  # pragma: no cover - cv2 only fails on unsupported arrays, checked by the caller
+        raise ValueError("cv2.imencode('.png') failed")
+    return buf.reshape(-1)
+
+
+def decode_png(data: Any) -> np.ndarray | None:
+    """Decode PNG bytes from the layout back to RGB uint8 ``H x W x 3``; ``None`` when undecodable."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    buf = np.asarray(buf)
+    if buf.dtype != np.uint8 or buf.ndim != 1 or buf.size == 0:
+        return None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    if img is None or img.ndim != 3 or img.shape[2] != 3:
+        return None
+    return np.ascontiguousarray(img)
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_decode_attr(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+
+class HDF5Stories(Sequence):
+    """The stories of one split of an ARLDM-layout HDF5 file, as a ``Sequence[Story]``.
+
+    The file is opened lazily, once per process, on first item access: instances are pickle-safe (the open
+    handle is never pickled) and reopen the file after a ``fork`` (DataLoader workers). The structure of the
+    split is checked when the instance is built; per-story problems (bad PNG bytes, wrong caption count) are
+    reported when the story is read. Every error is a :class:`StoryDataError` naming file, split, story
+    and field, except a missing file (:class:`FileNotFoundError`).
+
+    Args:
+        path: the HDF5 file.
+        split: group name (``train``, ``val``, ``test``).
+        text_key: caption dataset; ``None`` picks the first of :data:`TEXT_KEYS` present.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, text_key: str | None = None) -> None:
+        self.path = Path(path)
+        self.split = str(split)
+        if not self.path.exists():
+            raise FileNotFoundError(f"HDF5 story file not found: {self.path}")
+        if self.path.is_dir():
+            raise IsADirectoryError(f"expected an HDF5 story file, got a directory: {self.path}")
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StoryDataError(f"not a readable HDF5 file ({e})", file=self.path) from e
+        with f:
+            self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in f.attrs.items()}
+            if self.split not in f or not isinstance(f[self.split], h5py.Group):
+                present = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+                raise StoryDataError(
+                    f"split group missing (groups present: {present})",
+                    file=self.path,
+                    split=self.split,
+                    index="(all)",
+                    field=self.split,
+                )
+            g = f[self.split]
+            self.text_key = self._detect_text_key(g, text_key)
+            self._len = int(g[self.text_key].shape[0])
+            span = f"0..{self._len - 1} (all {self._len})"
+            for j in range(N_FRAMES):
+                key = f"image{j}"
+                if key not in g:
+                    images = sorted(k for k in g.keys() if k.startswith("image"))
+                    raise StoryDataError(
+                        f"image dataset missing (expected image0..image{N_FRAMES - 1}, found {images})",
+                        file=self.path,
+                        split=self.split,
+                        index=span,
+                        field=key,
+                    )
+                if g[key].shape[0] != self._len:
+                    raise StoryDataError(
+                        f"has {g[key].shape[0]} rows but {self.text_key!r} has {self._len}",
+                        file=self.path,
+                        split=self.split,
+                        index=span,
+                        field=key,
+                    )
+            self.has_labels = "labels" in g
+            if self.has_labels:
+                shape = g["labels"].shape
+                if len(shape) != 3 or shape[0] != self._len or shape[1] != N_FRAMES:
+                    raise StoryDataError(
+                        f"expected shape [{self._len}, {N_FRAMES}, n_characters], got {list(shape)}",
+                        file=self.path,
+                        split=self.split,
+                        index=span,
+                        field="labels",
+                    )
+                self.n_characters: int | None = int(shape[2])
+            else:
+                self.n_characters = None
+            self._has_ids = "ids" in g and g["ids"].shape[0] == self._len
+
+    # -- structure -------------------------------------------------------------------------------------
+
+    def _detect_text_key(self, g: h5py.Group, text_key: str | None) -> str:
+        if text_key is not None:
+            if text_key not in g:
+                raise StoryDataError(
+                    f"caption dataset {text_key!r} missing (datasets present: {sorted(g.keys())})",
+                    file=self.path,
+                    split=self.split,
+                    index="(all)",
+                    field=text_key,
+                )
+            return text_key
+        for key in TEXT_KEYS:
+            if key in g:
+                return key
+        raise StoryDataError(
+            f"no caption dataset; expected one of {list(TEXT_KEYS)} (datasets present: {sorted(g.keys())})",
+            file=self.path,
+            split=self.split,
+            index="(all)",
+            field="|".join(TEXT_KEYS),
+        )
+
+    @property
+    def characters(self) -> list[str] | None:
+        """Character names in label order, when the file records them (files written by this project)."""
+        chars = self.attrs.get("characters")
+        if isinstance(chars, str):
+            chars = json.loads(chars)
+        return None if chars is None else list(chars)
+
+    # -- lazy per-process handle ----------------------------------------------------------------------------
+
+    def _group(self) -> h5py.Group:
+        pid = os.getpid()
+        if self._handle is None or self._pid != pid:
+            # After a fork the inherited handle belongs to the parent's HDF5 state: drop it, open our own.
+            self._handle = h5py.File(self.path, "r")
+            self._pid = pid
+        return self._handle[self.split]
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+        self._pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    # -- Sequence ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Story:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]  # type: ignore[return-value]
+        i = int(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"story index {index} out of range for split {self.split!r} of {self.path}")
+        g = self._group()
+        story_id = _as_str(g["ids"][i]) if self._has_ids else f"{self.split}/{i}"
+
+        def err(reason: str, field: str) -> StoryDataError:
+            return StoryDataError(
+                reason, file=self.path, split=self.split, index=i, story_id=story_id, field=field
+            )
+
+        raw_text = g[self.text_key][i]
+        try:
+            text = raw_text.decode("utf-8") if isinstance(raw_text, bytes) else str(raw_text)
+        except UnicodeDecodeError as e:
+            raise err(f"caption text is not valid UTF-8 ({e})", self.text_key) from e
+        captions = text.split(_CAPTION_SEP)
+        if len(captions) != N_FRAMES:
+            raise err(
+                f"expected {N_FRAMES} captions separated by '|', got {len(captions)}: {text!r}",
+                self.text_key,
+            )
+        frames = []
+        for j in range(N_FRAMES):
+            key = f"image{j}"
+            frame = decode_png(g[key][i])
+            if frame is None:
+                raise err("PNG bytes cannot be decoded (cv2.imdecode failed)", key)
+            frames.append(frame)
+        labels = None
+        if self.has_labels:
+            labels = np.asarray(g["labels"][i], dtype=np.float32)
+        return Story(id=story_id, captions=captions, frames=frames, labels=labels)
+
+    def __iter__(self):
+        for i in range(self._len):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"HDF5Stories({str(self.path)!r}, split={self.split!r}, text_key={self.text_key!r}, n={self._len})"
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def write_stories_hdf5(
+    path: str | os.PathLike,
+    splits: Mapping[str, Sequence[Story]],
+    text_key: str = "text",
+    *,
+    characters: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write stories in the ARLDM HDF5 layout, atomically (temporary file in the same folder + ``os.replace``).
+
+    Frames are encoded with ``cv2.imencode('.png', rgb)`` exactly like ARLDM's converters (channel-swapped on
+    disk), so ARLDM's readers and :class:`HDF5Stories` both get the original RGB back. Also written:
+    ``labels`` ``[N, 5, C]`` float32 when the split's stories have labels (all or none of them must),
+    ``ids`` (story ids) and file attributes: format name/version, ``text_key``, ``characters`` (JSON list,
+    when given) and every entry of ``attrs`` (non-scalars JSON-encoded).
+
+    Raises:
+        StoryDataError: a story without exactly 5 frames/captions, a frame that is not ``H x W x 3`` uint8,
+            a caption containing ``|``, labels of the wrong shape, or labels on only some stories.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["text_key"] = text_key
+            if characters is not None:
+                f.attrs["characters"] = json.dumps(list(characters))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = _attr_value(value)
+            for split, stories in splits.items():
+                _write_split(f.create_group(split), path, split, list(stories), text_key, characters)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_split(
+    g: h5py.Group,
+    path: Path,
+    split: str,
+    stories: list[Story],
+    text_key: str,
+    characters: Sequence[str] | None,
+) -> None:
+    n = len(stories)
+    images = [np.empty(n, dtype=object) for _ in range(N_FRAMES)]
+    texts = np.empty(n, dtype=object)
+    ids = np.empty(n, dtype=object)
+    with_labels = [s.labels is not None for s in stories]
+    has_labels = any(with_labels)
+    n_chars = None
+    label_rows = []
+    for i, story in enumerate(stories):
+
+        def err(reason: str, field: str) -> StoryDataError:
+            return StoryDataError(reason, file=path, split=split, index=i, story_id=story.id, field=field)
+
+        if len(story.frames) != N_FRAMES:
+            raise err(f"expected {N_FRAMES} frames, got {len(story.frames)}", "frames")
+        if len(story.captions) != N_FRAMES:
+            raise err(f"expected {N_FRAMES} captions, got {len(story.captions)}", "captions")
+        for j, cap in enumerate(story.captions):
+            if not isinstance(cap, str):
+                raise err(f"caption {j} is {type(cap).__name__}, not str", "captions")
+            if _CAPTION_SEP in cap:
+                raise err(f"caption {j} contains the separator '|': {cap!r}", "captions")
+        for j, frame in enumerate(story.frames):
+            frame = np.asarray(frame)
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or 0 in frame.shape:
+                raise err(
+                    f"frame {j} must be an H x W x 3 uint8 RGB array, got {frame.dtype} {list(frame.shape)}",
+                    f"image{j}",
+                )
+            images[j][i] = encode_png(frame)
+        texts[i] = _CAPTION_SEP.join(story.captions)
+        ids[i] = str(story.id)
+        if has_labels:
+            if story.labels is None:
+                raise err("labels missing while other stories of the split have them", "labels")
+            lab = np.asarray(story.labels, dtype=np.float32)
+            if n_chars is None:
+                n_chars = lab.shape[-1] if lab.ndim == 2 else -1
+            if lab.ndim != 2 or lab.shape != (N_FRAMES, n_chars):
+                raise err(f"expected labels of shape [{N_FRAMES}, {n_chars}], got {list(lab.shape)}", "labels")
+            if characters is not None and n_chars != len(characters):
+                raise err(f"labels have {n_chars} columns but {len(characters)} characters are named", "labels")
+            label_rows.append(lab)
+    vlen_u8 = h5py.vlen_dtype(np.dtype("uint8"))
+    for j in range(N_FRAMES):
+        g.create_dataset(f"image{j}", shape=(n,), dtype=vlen_u8, data=images[j] if n else None)
+    str_dt = h5py.string_dtype("utf-8")
+    g.create_dataset(text_key, shape=(n,), dtype=str_dt, data=texts if n else None)
+    g.create_dataset("ids", shape=(n,), dtype=str_dt, data=ids if n else None)
+    if has_labels:
+        g.create_dataset("labels", data=np.stack(label_rows).astype(np.float32))
