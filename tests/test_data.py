@@ -306,7 +306,8 @@ def test_reads_files_written_by_arldm_scripts(dataset, filename):
     arrays = np.load(FIXTURES / "expected" / f"arldm_{dataset}.npz")
     path = FIXTURES / "h5" / filename
     for split, rows in expected["splits"].items():
-        ds = load_stories(dataset, path, split)
+        ds = HDF5Stories(path, split)  # frames as stored (whole strips / clips)
+        picked = load_stories(dataset, path, split)  # one frame chosen per strip, deterministically
         assert ds.text_key == expected["text_dataset"]
         assert len(ds) == len(rows)
         for row in rows:
@@ -314,11 +315,18 @@ def test_reads_files_written_by_arldm_scripts(dataset, filename):
             assert story.captions == row["texts"]
             assert [list(f.shape) for f in story.frames] == row["image_shapes"]
             assert story.labels is None
+            chosen = picked[row["row"]]
+            assert chosen.captions == story.captions
             for j, frame in enumerate(story.frames):
                 assert frame.dtype == np.uint8
                 np.testing.assert_array_equal(frame, arrays[f"{split}/{row['row']}/image{j}"])
+                if dataset in ("pororo", "flintstones"):  # 128-px frames stacked vertically
+                    options = [frame[k : k + 128] for k in range(0, frame.shape[0], 128)]
+                    assert any(np.array_equal(chosen.frames[j], o) for o in options)
+                else:
+                    np.testing.assert_array_equal(chosen.frames[j], frame)
     ex = expected["channel_order_example"]
-    frame = load_stories(dataset, path, ex["split"])[ex["row"]].frames[ex["frame"]]
+    frame = HDF5Stories(path, ex["split"])[ex["row"]].frames[ex["frame"]]
     y, x = ex["pixel_yx"]
     assert frame[y, x].tolist() == ex["source_rgb"] == ex["cv2_imdecode"]
 
@@ -330,7 +338,7 @@ def test_load_stories_entry_point(tmp_path, demo_file, monkeypatch):
     assert [s.id for s in load_stories("demo", demo_file, "test")] == [f"demo-test-{i:05d}" for i in range(8)]
     with pytest.raises(ValueError, match="demo, pororo, flintstones, ssid"):
         load_stories("vist", demo_file)
-    with pytest.raises(NotImplementedError, match="reader of the raw pororo layout is not available yet.*pororo_hdf5.py"):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):  # a folder without the raw layout's files
         load_stories("pororo", tmp_path)
     with pytest.raises(FileNotFoundError, match="flintstones.*nope.h5"):
         load_stories("flintstones", tmp_path / "nope.h5")
@@ -412,12 +420,36 @@ def test_datamodule_missing_file_and_frame_sizes(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         dm.setup("fit")
     _assert_names(str(e.value), tmp_path / "pororo.h5", "pororo", "missing", hint)
-    # Pororo strips have different heights: stacking is a clear error unless frame_size is set
+    # Pororo strips are split into their 128-px frames, so a batch stacks
     dm = StoryDataModule(name="pororo", path=FIXTURES / "h5" / "pororo.h5", batch_size=2)
     dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))["frames"].shape[2:] == (128, 128, 3)
+    # SSID images come in several sizes: stacking is a clear error unless frame_size is set
+    dm = StoryDataModule(name="ssid", path=FIXTURES / "h5" / "ssid.hdf5", batch_size=2)
+    dm.setup("fit")
     with pytest.raises(ValueError, match="different sizes.*frame_size"):
-        next(iter(dm.val_dataloader()))
+        next(iter(dm.train_dataloader()))
     dm = StoryDataModule(name="flintstones", path=FIXTURES / "h5" / "flintstones.h5", batch_size=2, frame_size=32)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert batch["frames"].shape == (1, 5, 32, 32, 3) and batch["labels"] is None
+
+
+@needs_fixtures
+@pytest.mark.parametrize("dataset", ["pororo", "flintstones", "ssid"])
+def test_raw_directories_are_detected_and_batched(dataset):
+    root = FIXTURES / "raw" / dataset
+    stories = load_stories(dataset, root, "val")
+    assert type(stories).__name__.lower().startswith(dataset[:4]) and len(stories) > 0
+    assert all(len(s.frames) == 5 and len(s.captions) == 5 for s in stories)
+    dm = StoryDataModule(name=dataset, path=root, batch_size=2, frame_size=32,
+                         frame_choice={"train": "random", "eval": "fixed"})
+    dm.check_available()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["frames"].shape[1:] == (5, 32, 32, 3) and batch["frames"].dtype == torch.uint8
+    # eval frames are the same on every read (fixed rule); training frames may vary
+    again = next(iter(dm.val_dataloader()))
+    assert torch.equal(batch["frames"], again["frames"])
+    with pytest.raises(ValueError, match="frame_choice"):
+        StoryDataModule(name=dataset, path=root, frame_choice={"train": "sometimes", "eval": "fixed"})

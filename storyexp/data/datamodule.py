@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .frames import FRAME_RULES
 from .demo import DEMO_CHARACTERS, ensure_demo_dataset, read_demo_params
 from .hdf5 import HDF5Stories
 from .sources import KNOWN_DATASETS, open_split
@@ -155,6 +156,7 @@ class StoryDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         max_length: int | None = None,
         vocabulary: Sequence[str] | None = None,
+        frame_choice: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if name not in KNOWN_DATASETS:
@@ -181,6 +183,11 @@ class StoryDataModule(L.LightningDataModule):
         self.frame_size = None if frame_size is None else int(frame_size)
         self.text_key = text_key
         self.pin_memory = bool(pin_memory)
+        # where a raw source stores several frames per caption: random in training, fixed for val/test
+        self.frame_choice = {"train": "random", "eval": "fixed", **dict(frame_choice or {})}
+        unknown = sorted(set(self.frame_choice.values()) - set(FRAME_RULES))
+        if unknown or set(self.frame_choice) != {"train", "eval"}:
+            raise ValueError(f"frame_choice must map train/eval to one of {FRAME_RULES}, got {self.frame_choice}")
         # caption facts the model config reads (`${data.max_length}`, `${data.vocabulary}`); unused here
         self.max_length = max_length
         self.vocabulary = list(vocabulary or [])
@@ -263,8 +270,9 @@ class StoryDataModule(L.LightningDataModule):
         return None
 
     def _build(self, split: str) -> StoryItems:
+        rule = self.frame_choice["train" if split == self.train_split else "eval"]
         stories: Sequence[Story] = open_split(
-            self.name, self.path, split, text_key=self.text_key, missing_hint=self.missing_hint
+            self.name, self.path, split, text_key=self.text_key, missing_hint=self.missing_hint, frame_choice=rule
         )
         self._check_characters(stories)
         limit = self._limit_for(split)
@@ -273,6 +281,8 @@ class StoryDataModule(L.LightningDataModule):
         return StoryItems(stories, frame_size=self.frame_size)
 
     def _check_characters(self, stories: HDF5Stories) -> None:
+        if not isinstance(stories, HDF5Stories):  # raw readers take their label order from the layout
+            return
         named = stories.characters
         if named is not None and self.characters and named != self.characters:
             raise StoryDataError(

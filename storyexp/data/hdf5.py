@@ -14,8 +14,10 @@ Layout (what ARLDM's ``data_script/*_hdf5.py`` write, see ``reference/arldm.md``
 * optional ``labels`` ``[N, 5, C]`` float32 multi-hot characters, optional ``ids`` ``(N,)`` string story ids
   and file attributes with metadata (written by this project; ARLDM's readers ignore them).
 
-Frames are returned as stored: a PororoSV strip of k frames is one ``128k x 128`` image and a FlintstonesSV
-clip one ``640 x 128`` image; choosing one frame out of them is up to the dataset-specific reader.
+Frames are returned as stored (``frame_height=None``): a PororoSV strip of k frames is one ``128k x 128``
+image and a FlintstonesSV clip one ``640 x 128`` image. With ``frame_height=128`` a taller image is split into
+its frames and one is picked by ``frame_choice`` (see :mod:`storyexp.data.frames`), keyed by story id and
+position exactly as the raw readers do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import cv2
 import h5py
 import numpy as np
 
+from .frames import pick_frame, split_strip
 from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
@@ -112,9 +115,19 @@ class HDF5Stories(Sequence):
         text_key: caption dataset; ``None`` picks the first of :data:`TEXT_KEYS` present.
     """
 
-    def __init__(self, path: str | os.PathLike, split: str, text_key: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str,
+        text_key: str | None = None,
+        *,
+        frame_height: int | None = None,
+        frame_choice: str = "fixed",
+    ) -> None:
         self.path = Path(path)
         self.split = str(split)
+        self.frame_height = None if frame_height is None else int(frame_height)
+        self.frame_choice = frame_choice
         if not self.path.exists():
             raise FileNotFoundError(f"HDF5 story file not found: {self.path}")
         if self.path.is_dir():
@@ -273,6 +286,12 @@ class HDF5Stories(Sequence):
             frame = decode_png(g[key][i])
             if frame is None:
                 raise err("PNG bytes cannot be decoded (cv2.imdecode failed)", key)
+            if self.frame_height and frame.shape[0] > self.frame_height:
+                try:
+                    options = split_strip(frame, self.frame_height)
+                except ValueError as e:
+                    raise err(str(e), key) from e
+                frame = options[pick_frame(len(options), self.frame_choice, f"{story_id}/{j}")]
             frames.append(frame)
         labels = None
         if self.has_labels:
@@ -346,6 +365,30 @@ def _umask() -> int:
     return mask
 
 
+def check_story(story: Story, path: Path, split: str, index: int) -> None:
+    """What every stored story must satisfy: 5 frames of H x W x 3 uint8, 5 captions without '|'."""
+
+    def err(reason: str, field: str) -> StoryDataError:
+        return StoryDataError(reason, file=path, split=split, index=index, story_id=story.id, field=field)
+
+    if len(story.frames) != N_FRAMES:
+        raise err(f"expected {N_FRAMES} frames, got {len(story.frames)}", "frames")
+    if len(story.captions) != N_FRAMES:
+        raise err(f"expected {N_FRAMES} captions, got {len(story.captions)}", "captions")
+    for j, cap in enumerate(story.captions):
+        if not isinstance(cap, str):
+            raise err(f"caption {j} is {type(cap).__name__}, not str", "captions")
+        if _CAPTION_SEP in cap:
+            raise err(f"caption {j} contains the separator '|': {cap!r}", "captions")
+    for j, frame in enumerate(story.frames):
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or 0 in frame.shape:
+            raise err(
+                f"frame {j} must be an H x W x 3 uint8 RGB array, got {frame.dtype} {list(frame.shape)}",
+                f"image{j}",
+            )
+
+
 def _write_split(
     g: h5py.Group,
     path: Path,
@@ -363,27 +406,13 @@ def _write_split(
     n_chars = None
     label_rows = []
     for i, story in enumerate(stories):
+        check_story(story, path, split, i)
 
-        def err(reason: str, field: str) -> StoryDataError:
+        def err(reason: str, field: str, i: int = i, story: Story = story) -> StoryDataError:
             return StoryDataError(reason, file=path, split=split, index=i, story_id=story.id, field=field)
 
-        if len(story.frames) != N_FRAMES:
-            raise err(f"expected {N_FRAMES} frames, got {len(story.frames)}", "frames")
-        if len(story.captions) != N_FRAMES:
-            raise err(f"expected {N_FRAMES} captions, got {len(story.captions)}", "captions")
-        for j, cap in enumerate(story.captions):
-            if not isinstance(cap, str):
-                raise err(f"caption {j} is {type(cap).__name__}, not str", "captions")
-            if _CAPTION_SEP in cap:
-                raise err(f"caption {j} contains the separator '|': {cap!r}", "captions")
         for j, frame in enumerate(story.frames):
-            frame = np.asarray(frame)
-            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or 0 in frame.shape:
-                raise err(
-                    f"frame {j} must be an H x W x 3 uint8 RGB array, got {frame.dtype} {list(frame.shape)}",
-                    f"image{j}",
-                )
-            images[j][i] = encode_png(frame)
+            images[j][i] = encode_png(np.asarray(frame))
         texts[i] = _CAPTION_SEP.join(story.captions)
         ids[i] = str(story.id)
         if has_labels:

@@ -16,14 +16,12 @@ __all__ = ["KNOWN_DATASETS", "open_split", "load_stories", "missing_file_message
 
 KNOWN_DATASETS = ("demo", "pororo", "flintstones", "ssid")
 
-# How to turn each raw layout into the HDF5 file this package reads (until the raw readers exist).
+# datasets storing several frames per caption, stacked vertically (Pororo strips, Flintstones clips)
+FRAME_HEIGHT = {"pororo": 128, "flintstones": 128}
+
+# How to get each dataset into a form this package reads (the raw folder itself also works).
 _CONVERT = {
-    "pororo": "ARLDM's data_script/pororo_hdf5.py --data_dir <raw dir> --save_path pororo.h5",
-    "flintstones": "ARLDM's data_script/flintstones_hdf5.py --data_dir <raw dir> --save_path flintstones.h5",
-    "ssid": (
-        "ARLDM_SSID's data_script/ssid_hdf5.py --ssid_json_dir <dir>/SSID_Annotations "
-        "--img_dir <dir>/SSID_Images --save_path ssid.hdf5"
-    ),
+    name: f"python -m storyexp.data.convert {name} <raw dir> <out>.h5" for name in ("pororo", "flintstones", "ssid")
 }
 
 
@@ -34,11 +32,12 @@ def _check_name(name: str) -> None:
 
 def missing_file_message(name: str, path: Path, hint: str | None = None) -> str:
     """What is missing, where it was expected, and where to get it / how to convert it."""
-    msg = f"{name} dataset file is missing: expected an HDF5 file (ARLDM layout) at {path}."
+    msg = f"{name} dataset file is missing: expected an HDF5 file (ARLDM layout) or the raw dataset folder at {path}."
     if hint:
         return f"{msg} {hint.strip()}"
     if name in _CONVERT:
-        return f"{msg} Get the raw {name} data and convert it with {_CONVERT[name]}, or point the path at an existing file."
+        return (f"{msg} Get the raw {name} data (README.md, 'Datasets') and point the path at its folder, or "
+                f"convert it once with {_CONVERT[name]}.")
     return msg
 
 
@@ -49,42 +48,67 @@ def open_split(
     *,
     text_key: str | None = None,
     missing_hint: str | None = None,
-) -> HDF5Stories:
-    """Open one split of a dataset file, with the clear errors every entry point shares."""
+    frame_choice: str = "fixed",
+) -> Sequence[Story]:
+    """Open one split of a dataset: an HDF5 file (ARLDM layout) or the raw directory as distributed.
+
+    `frame_choice` (see `storyexp.data.frames`) picks one frame where the raw source stores several per
+    caption (Pororo strips, Flintstones clips).
+    """
     _check_name(name)
     path = Path(path).expanduser()
     if path.is_dir():
         if name == "demo":
             raise IsADirectoryError(f"the demo dataset path must be an HDF5 file path, got a directory: {path}")
-        raise NotImplementedError(
-            f"{path} is a directory: the reader of the raw {name} layout is not available yet. "
-            f"Convert it to the ARLDM HDF5 layout with {_CONVERT[name]} and point the path at that file."
-        )
+        return open_raw_split(name, path, split, frame_choice=frame_choice)
     if not path.exists():
         raise MissingResourceError(missing_file_message(name, path, missing_hint))
-    return HDF5Stories(path, split, text_key=text_key)
+    return HDF5Stories(path, split, text_key=text_key, frame_height=FRAME_HEIGHT.get(name),
+                       frame_choice=frame_choice)
+
+
+def open_raw_split(name: str, root: Path, split: str, *, frame_choice: str = "fixed") -> Sequence[Story]:
+    """The raw reader of `name` (imported on use: each reader only needs its own layout's files)."""
+    if name == "pororo":
+        from .raw_pororo import PororoRawStories
+
+        return PororoRawStories(root, split, frame_choice=frame_choice)
+    if name == "flintstones":
+        from .raw_flintstones import FlintstonesRawStories
+
+        return FlintstonesRawStories(root, split, frame_choice=frame_choice)
+    from .raw_ssid import SSIDRawStories
+
+    return SSIDRawStories(root, split)
 
 
 def load_stories(
-    name: str, path: str | os.PathLike, split: str = "train", *, text_key: str | None = None
+    name: str,
+    path: str | os.PathLike,
+    split: str = "train",
+    *,
+    text_key: str | None = None,
+    frame_choice: str = "fixed",
 ) -> Sequence[Story]:
     """The stories of one split of a dataset, as a lazy ``Sequence[Story]``.
 
     Args:
         name: ``demo`` | ``pororo`` | ``flintstones`` | ``ssid``.
-        path: an HDF5 file in the ARLDM layout. For ``demo`` a missing file is generated there with the
-            default parameters (an existing demo file is read as it is).
+        path: an HDF5 file in the ARLDM layout, or the raw directory as distributed (PororoSV and
+            FlintstonesSV: StoryDALL-E's archives unpacked; SSID: the folder holding ``SSID_Annotations/``
+            and ``SSID_Images/``). For ``demo`` a missing file is generated there with the default parameters.
         split: ``train`` | ``val`` | ``test``.
         text_key: caption dataset name (``text``, ``ssid``, ``sis``, ``dii``); ``None`` auto-detects.
+        frame_choice: ``fixed`` (default: the same frame every time), ``random``, ``first`` or ``middle``,
+            where the raw source stores several frames per caption.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the known names).
         FileNotFoundError: the file does not exist.
-        NotImplementedError: ``path`` is a directory (raw layouts are not readable yet; convert to HDF5).
         StoryDataError: the file is not in the expected layout.
     """
     _check_name(name)
     p = Path(path).expanduser()
     if name == "demo" and not p.exists():
         ensure_demo_dataset(p)
-    return open_split(name, p, split, text_key=text_key)
+    return open_split(name, p, split, text_key=text_key, frame_choice=frame_choice)
