@@ -18,9 +18,9 @@ from storyexp.data.raw_flintstones import (
 )
 from storyexp.data.story import Story, StoryDataError
 
-FIXTURES = Path(
-    os.environ.get("STORYEXP_FIXTURES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
-).resolve()
+from .conftest import fixtures_dir
+
+FIXTURES = fixtures_dir()
 RAW = FIXTURES / "raw" / "flintstones"
 EXPECTED = FIXTURES / "expected"
 
