@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from storyexp.utils.io import atomic_write
+
 __all__ = ["story_grid", "stack_grids", "save_png", "SOURCE_COLOR", "BACKGROUND", "TEXT_COLOR", "SEPARATOR_COLOR"]
 
 SOURCE_COLOR = (255, 140, 0)
@@ -250,18 +252,5 @@ def stack_grids(grids: Sequence[Any], *, pad: int = 8) -> np.ndarray:
 
 def save_png(array: Any, path: str | os.PathLike) -> Path:
     """Write a uint8 ``[H, W, 3]`` image as PNG atomically (temporary file in the same folder, then rename)."""
-    import tempfile
-
     img = Image.fromarray(_image(array, "image"))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -24,12 +24,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import h5py
 import numpy as np
+
+from storyexp.utils.io import atomic_write
 
 from .hdf5 import FORMAT_NAME, FORMAT_VERSION, N_FRAMES, check_story, encode_png
 from .story import Story, StoryDataError
@@ -103,13 +104,10 @@ def convert(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *, ski
             progress: bool = True, splits=SPLITS) -> dict:
     """Convert; returns the report (stories written and skipped per split)."""
     src, out = Path(src), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     report: dict = {"dataset": dataset, "source": str(src), "output": str(out), "splits": {}}
-    bad: list[StoryDataError] = []
-    try:
+
+    def write(tmp: Path) -> None:
+        bad: list[StoryDataError] = []
         with h5py.File(tmp, "w") as f, _progress(progress) as bar:
             for split in splits:
                 n, read, characters, text_key = stored_stories(dataset, src, split)
@@ -133,11 +131,8 @@ def convert(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *, ski
             listed = "\n  ".join(str(e) for e in bad)
             raise StoryDataError(f"{len(bad)} bad stories (nothing was written; --skip-bad leaves them out):\n  {listed}",
                                  file=src)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     if skip_bad:
         Path(f"{out}.report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

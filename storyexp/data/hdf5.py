@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import cv2
 import h5py
 import numpy as np
+
+from storyexp.utils.io import atomic_write
 
 from .frames import pick_frame, split_strip
 from .story import N_FRAMES, Story, StoryDataError
@@ -336,11 +337,8 @@ def write_stories_hdf5(
             a caption containing ``|``, labels of the wrong shape, or labels on only some stories.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
@@ -351,12 +349,8 @@ def write_stories_hdf5(
                 f.attrs[key] = _attr_value(value)
             for split, stories in splits.items():
                 _write_split(f.create_group(split), path, split, list(stories), text_key, characters)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write, mode=0o666 & ~_umask())
 
 
 def _umask() -> int:

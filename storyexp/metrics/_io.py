@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["as_uint8_nhwc", "as_label_tensor", "atomic_write"]
+__all__ = ["as_uint8_nhwc", "as_label_tensor"]
 
 
 def as_uint8_nhwc(frames: Any, name: str = "frames") -> Tensor:
@@ -45,24 +45,3 @@ def as_label_tensor(labels: Any, name: str = "labels", num_classes: int | None =
     if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError(f"{name}: multi-hot labels must contain only 0 and 1")
     return labels
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
-
-    The rename is atomic on POSIX, so a reader never sees a half-written file and an existing file is only
-    replaced once the new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path

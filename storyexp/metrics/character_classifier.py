@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from storyexp.metrics._io import as_label_tensor, as_uint8_nhwc, atomic_write
+from storyexp.metrics._io import as_label_tensor, as_uint8_nhwc
+from storyexp.utils.io import atomic_write
 
 __all__ = [
     "CharacterClassifier",
