@@ -1,0 +1,238 @@
+"""minDALL-E stage 2: `Transformer1d`, a GPT-style decoder over the sequence [text tokens ; image codes].
+
+Parameter names follow the original checkpoint layout (`tok_emb_img`, `blocks.<i>.attn.query`, `mlp.0`, ...), so
+`stage2_last.ckpt`-style files load strictly with no key remapping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# One (key, value) pair per layer, each [B, n_heads, cached_len, head_dim].
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Stage2Config:
+    """The `stage2:` block of a minDALL-E config (`vocab_size_*` at top level, the rest under `hparams`)."""
+
+    vocab_size_txt: int = 16384
+    vocab_size_img: int = 16384
+    embed_dim: int = 1536
+    n_layers: int = 42
+    n_heads: int = 24
+    n_dense_layers: int = 42  # kept for config compatibility; every block is dense in Transformer1d
+    ctx_len_img: int = 256
+    ctx_len_txt: int = 64
+    embd_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    mlp_bias: bool = True
+    attn_bias: bool = True
+    gelu_use_approx: bool = False
+    use_head_txt: bool = True
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any]) -> "Stage2Config":
+        """Build from a `stage2:` mapping (plain dict or OmegaConf); unknown keys such as `type` are ignored."""
+        try:  # OmegaConf nodes -> plain containers, without making omegaconf a hard dependency
+            from omegaconf import OmegaConf
+
+            if OmegaConf.is_config(block):
+                block = OmegaConf.to_container(block, resolve=True)
+        except ImportError:
+            pass
+        flat = {k: v for k, v in block.items() if k != "hparams"}
+        flat.update(block.get("hparams") or {})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in flat.items() if k in names})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Stage2Config":
+        from omegaconf import OmegaConf
+
+        return cls.from_dict(OmegaConf.load(str(path))["stage2"])
+
+    @property
+    def ctx_len(self) -> int:
+        return self.ctx_len_txt + self.ctx_len_img
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Stage2Config):
+        super().__init__()
+        assert cfg.embed_dim % cfg.n_heads == 0
+        self.n_heads = cfg.n_heads
+        self.key = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
+        self.query = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
+        self.value = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+        # Lower-triangular mask over the whole [text ; image] context. Non-persistent: the original checkpoints
+        # do not store it, and strict loading must not expect it.
+        mask = torch.tril(torch.ones(cfg.ctx_len, cfg.ctx_len, dtype=torch.bool))
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x: [B, T, C] new positions; past: cached (k, v) of the P earlier positions. Returns (y, (k, v) for P+T)."""
+        B, T, C = x.shape
+        split = lambda t: t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # [B, nh, T, hd]
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        P = 0
+        if past is not None:
+            P = past[0].shape[-2]
+            k = torch.cat([past[0], k], dim=-2)
+            v = torch.cat([past[1], v], dim=-2)
+        # New query i sits at absolute position P+i and may see keys 0..P+i. A single query (the usual cached
+        # step) sees everything, so no mask is needed, as in the original's cached path.
+        attn_mask = None if T == 1 else self.mask[P : P + T, : P + T]
+        # SDPA (default 1/sqrt(head_dim) scale, softmax over keys) matches the original explicit
+        # softmax(q k^T / sqrt(d)) v to <1e-6 in float32 (checked), far inside the 1e-4 parity tolerance; the seeded
+        # sampler still reproduces the reference codes exactly with it.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_pdrop if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1 x), then + mlp(ln2 x)."""
+
+    def __init__(self, cfg: Stage2Config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.embed_dim)
+        self.ln2 = nn.LayerNorm(cfg.embed_dim)
+        self.attn = CausalSelfAttention(cfg)
+        # Sequential indices 0 and 2 are the two Linears: that is where the checkpoint's `mlp.0` / `mlp.2` come from.
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.embed_dim, 4 * cfg.embed_dim, bias=cfg.mlp_bias),
+            nn.GELU(approximate="tanh" if cfg.gelu_use_approx else "none"),
+            nn.Linear(4 * cfg.embed_dim, cfg.embed_dim, bias=cfg.mlp_bias),
+            nn.Dropout(cfg.resid_pdrop),
+        )
+
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, present = self.attn(self.ln1(x), past)
+        x = x + a
+        x = x + self.mlp(self.ln2(x))
+        return x, present
+
+
+class Transformer1d(nn.Module):
+    def __init__(self, cfg: Stage2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb_img = nn.Embedding(cfg.vocab_size_img, cfg.embed_dim)
+        self.tok_emb_txt = nn.Embedding(cfg.vocab_size_txt, cfg.embed_dim)
+        # Text and image have separate 1-D position tables; both start at 0.
+        self.pos_emb_img = nn.Embedding(cfg.ctx_len_img, cfg.embed_dim)
+        self.pos_emb_txt = nn.Embedding(cfg.ctx_len_txt, cfg.embed_dim)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.embed_dim)
+        self.head_img = nn.Linear(cfg.embed_dim, cfg.vocab_size_img, bias=False)
+        if cfg.use_head_txt:
+            self.head_txt = nn.Linear(cfg.embed_dim, cfg.vocab_size_txt, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # GPT-2 style init (N(0, 0.02), zero bias, unit LayerNorm); irrelevant when a checkpoint is loaded.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint(self, path_or_state: str | Path | Mapping[str, Any]) -> "Transformer1d":
+        """Strictly load `{'state_dict': ...}` (or a bare state dict); raise listing every missing/unexpected key."""
+        state = path_or_state
+        if isinstance(state, (str, Path)):
+            state = torch.load(state, map_location="cpu", weights_only=True)
+        if "state_dict" in state:
+            state = state["state_dict"]
+        own = set(self.state_dict().keys())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        if missing or unexpected:
+            raise KeyError(
+                f"Transformer1d checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        self.load_state_dict(state, strict=True)  # also checks shapes
+        return self
+
+    @classmethod
+    def from_ckpt(cls, cfg: Stage2Config, path: str | Path) -> "Transformer1d":
+        return cls(cfg).load_checkpoint(path).eval()
+
+    # ------------------------------------------------------------------ full forward (training / scoring)
+    def forward(self, images: Tensor, texts: Tensor, pos_images: Tensor, pos_texts: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, T] (T <= ctx_len_img), texts [B, N] (N == ctx_len_txt), positions alike.
+
+        Returns (logits_img [B, T, V_img], logits_txt [B, N-1, V_txt]). Position N-1 (last text token) predicts
+        image token 0, so image logits are read at N-1 .. N+T-2 and text logits at 0 .. N-2.
+        """
+        T, N = images.shape[1], texts.shape[1]
+        assert T <= self.cfg.ctx_len_img, f"{T} image tokens > ctx_len_img {self.cfg.ctx_len_img}"
+        assert N == self.cfg.ctx_len_txt, f"text length {N} != ctx_len_txt {self.cfg.ctx_len_txt}"
+        x = torch.cat([self._embed_txt(texts, pos_texts), self._embed_img(images, pos_images)], dim=1)
+        x = self.drop(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        x = self.ln_f(x)
+        logits_img = self.head_img(x[:, N - 1 : -1])
+        logits_txt = self.head_txt(x[:, : N - 1])
+        return logits_img, logits_txt
+
+    # ------------------------------------------------------------------ KV-cached decoding
+    @torch.no_grad()
+    def step(
+        self,
+        *,
+        texts: Tensor | None = None,
+        pos_texts: Tensor | None = None,
+        images: Tensor | None = None,
+        pos_images: Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """Feed only the new positions (texts, then images, either may be absent) after a cache of earlier ones.
+
+        Returns the image logits predicted by the LAST new position [B, V_img] and the grown cache. Decoding:
+        step 0 feeds the whole text (its last position predicts code 0); step t feeds code t-1 at position t-1.
+        """
+        parts = []
+        if texts is not None:
+            parts.append(self._embed_txt(texts, pos_texts))
+        if images is not None:
+            parts.append(self._embed_img(images, pos_images))
+        assert parts, "step() needs texts and/or images"
+        x = self.drop(torch.cat(parts, dim=1))
+        presents: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past is None else past[i])
+            presents.append(kv)
+        x = self.ln_f(x[:, -1])
+        return self.head_img(x), presents
+
+    def _embed_txt(self, texts: Tensor, pos_texts: Tensor) -> Tensor:
+        return self.tok_emb_txt(texts) + self.pos_emb_txt(pos_texts)
+
+    def _embed_img(self, images: Tensor, pos_images: Tensor) -> Tensor:
+        return self.tok_emb_img(images) + self.pos_emb_img(pos_images)
+
+
+def positions_1d(x: Tensor) -> Tensor:
+    """0..L-1 for every row of a [B, L] token tensor (minDALL-E's '1d' positional encoding)."""
+    B, L = x.shape
+    return torch.arange(L, device=x.device).unsqueeze(0).expand(B, L)

@@ -1,0 +1,18 @@
+"""taming-transformers VQGAN (f16), as used by minDALL-E / StoryDALL-E stage 1; loads their checkpoints as-is."""
+
+from .config import VQGANConfig, VQGANHParams
+from .layers import AttnBlock, Decoder, Encoder, ResnetBlock
+from .model import VQGAN, VQGANCheckpointError
+from .quantize import VectorQuantizer
+
+__all__ = [
+    "VQGAN",
+    "AttnBlock",
+    "Decoder",
+    "Encoder",
+    "ResnetBlock",
+    "VQGANCheckpointError",
+    "VQGANConfig",
+    "VQGANHParams",
+    "VectorQuantizer",
+]

@@ -1,0 +1,134 @@
+"""Configuration of the taming-transformers VQGAN, in the shape of minDALL-E's ``stage1:`` config block.
+
+minDALL-E's YAML reads::
+
+    stage1:
+      type: vqgan
+      embed_dim: 256        # codebook vector size
+      n_embed: 16384        # codebook size
+      hparams: {double_z, z_channels, resolution, in_channels, out_ch, ch, ch_mult,
+                num_res_blocks, attn_resolutions, pdrop}
+
+Every size of the network is derived from these fields; nothing is hard-coded to the 1.3B model, so the tiny
+parity config (resolution 32, ch 32, ch_mult [2, 1]) builds with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from storyexp.errors import ConfigurationError
+
+# GroupNorm uses this many groups everywhere (taming's `Normalize`), so every channel count must divide by it.
+NUM_GROUPS = 32
+
+
+@dataclass
+class VQGANHParams:
+    """The ``stage1.hparams`` block (the keyword arguments of taming's Encoder/Decoder)."""
+
+    double_z: bool = False
+    z_channels: int = 256
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    pdrop: float = 0.0
+
+    def __post_init__(self):
+        # YAML/omegaconf give lists (or ListConfig); keep plain tuples so the config is hashable and immutable.
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+
+
+@dataclass
+class VQGANConfig:
+    """The ``stage1`` block: codebook size/dimension plus the encoder/decoder hyper-parameters.
+
+    Defaults are those of minDALL-E 1.3B (``configs/dalle-1.3B.yaml``).
+    """
+
+    embed_dim: int = 256
+    n_embed: int = 16384
+    hparams: VQGANHParams = field(default_factory=VQGANHParams)
+
+    def __post_init__(self):
+        if isinstance(self.hparams, Mapping) or not isinstance(self.hparams, VQGANHParams):
+            self.hparams = _build(VQGANHParams, dict(self.hparams), "stage1.hparams")
+        self.validate()
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def num_resolutions(self) -> int:
+        return len(self.hparams.ch_mult)
+
+    @property
+    def latent_dim(self) -> int:
+        """Side of the code grid. minDALL-E takes it from ``attn_resolutions[0]`` (its ``latent_dim``),
+        not from resolution / 2**(levels-1); `validate` checks that the two agree."""
+        return self.hparams.attn_resolutions[0]
+
+    @property
+    def num_codes(self) -> int:
+        """Tokens per image (``latent_dim ** 2``), in raster order."""
+        return self.latent_dim**2
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VQGANConfig:
+        """Build from a ``stage1`` mapping (plain dict or omegaconf DictConfig). ``type`` (``vqgan``) is
+        accepted and checked; any other unknown key is an error rather than silently ignored."""
+        d = dict(d)
+        kind = d.pop("type", "vqgan")
+        if kind != "vqgan":
+            raise ConfigurationError(f"stage1.type is {kind!r}; only 'vqgan' is implemented")
+        return _build(cls, d, "stage1")
+
+    @classmethod
+    def from_yaml(cls, path) -> VQGANConfig:
+        """Read the ``stage1:`` block of a minDALL-E style config.yaml."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        if "stage1" not in data:
+            raise ConfigurationError(f"{path} has no 'stage1:' block")
+        return cls.from_dict(data["stage1"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hparams"]["ch_mult"] = list(d["hparams"]["ch_mult"])
+        d["hparams"]["attn_resolutions"] = list(d["hparams"]["attn_resolutions"])
+        return d
+
+    def validate(self) -> None:
+        hp = self.hparams
+        if not hp.ch_mult:
+            raise ConfigurationError("stage1.hparams.ch_mult must not be empty")
+        if not hp.attn_resolutions:
+            raise ConfigurationError("stage1.hparams.attn_resolutions must not be empty (it sets the grid side)")
+        chans = {hp.ch * m for m in hp.ch_mult} | {hp.ch}
+        bad = sorted(c for c in chans if c % NUM_GROUPS)
+        if bad:
+            raise ConfigurationError(
+                f"VQGAN channel counts {bad} are not multiples of GroupNorm's {NUM_GROUPS} groups"
+            )
+        bottom = hp.resolution // 2 ** (self.num_resolutions - 1)
+        if bottom != self.latent_dim:
+            raise ConfigurationError(
+                f"grid side mismatch: attn_resolutions[0]={self.latent_dim} but resolution {hp.resolution} "
+                f"with {self.num_resolutions} levels gives {bottom}"
+            )
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigurationError(f"unknown key(s) in {where}: {unknown}")
+    return cls(**d)

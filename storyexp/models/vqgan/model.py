@@ -1,0 +1,111 @@
+"""The taming-transformers VQGAN (f16) as used by minDALL-E, loading its checkpoints unchanged.
+
+diffusers' ``VQModel`` was considered and not used: its module tree and state-dict key names
+(``encoder.down_blocks.*.resnets.*``, ``quantize.embedding`` vs taming's ``encoder.down.*.block.*``,
+``decoder.up`` stored in ascending-resolution order, ``nin_shortcut``, ``q/k/v/proj_out`` convs ...) differ
+from taming's, and minDALL-E's (and StoryDALL-E's) checkpoints must load strictly with their original key names,
+without a conversion step that could silently drop or mis-map a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from storyexp.errors import MissingResourceError, StoryexpError
+
+from .config import VQGANConfig
+from .layers import Decoder, Encoder
+from .quantize import VectorQuantizer
+
+
+class VQGANCheckpointError(StoryexpError, RuntimeError):
+    """A state dict does not fit the model: lists every missing / unexpected key and shape mismatch."""
+
+
+class VQGAN(nn.Module):
+    """Encoder -> quant_conv -> codebook -> post_quant_conv -> Decoder.
+
+    Inputs are images in [-1, 1] of shape [B, in_channels, R, R]; the code grid is latent_dim x latent_dim
+    (latent_dim = attn_resolutions[0], as minDALL-E computes it).
+    """
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        hp = vars(config.hparams)
+        self.encoder = Encoder(**hp)
+        self.decoder = Decoder(**hp)
+        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
+        self.quant_conv = nn.Conv2d(config.hparams.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.hparams.z_channels, 1)
+        self.latent_dim = config.latent_dim
+
+    # ------------------------------------------------------------------ the original's public methods
+    def _pre_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, R, R] -> quantised latents [B, embed_dim, h, w] (codebook rows, channels first)."""
+        return self.quantize(self._pre_quant(x))[0]
+
+    def decode(self, quant: torch.Tensor) -> torch.Tensor:
+        """Quantised latents [B, embed_dim, h, w] -> raw decoder output [B, out_ch, R, R] (not clamped)."""
+        return self.decoder(self.post_quant_conv(quant))
+
+    def get_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> LongTensor [B, latent_dim**2] of nearest-codebook indices in raster (row-major) order."""
+        codes = self.quantize.codes(self._pre_quant(x))
+        return codes.reshape(x.shape[0], self.latent_dim**2)
+
+    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+        """Code grid [B, h, w] (int) -> raw decoder output [B, out_ch, R, R]. Not clamped; the samplers map
+        pixels with clamp(x * 0.5 + 0.5, 0, 1) themselves."""
+        if code.dim() != 3:
+            raise ValueError(f"decode_code expects a code grid [B, h, w]; got shape {tuple(code.shape)}")
+        return self.decode(self.quantize.lookup(code.long()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): the reconstruction, raw."""
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ loading
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Strictly load a VQGAN state dict with the original key names (or a ``{'state_dict': ...}`` wrapper).
+
+        Raises :class:`VQGANCheckpointError` listing all missing/unexpected keys and shape mismatches at once,
+        rather than torch's first-error behaviour, so a wrong checkpoint is diagnosed in one go.
+        """
+        if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in set(own) & set(state)
+            if tuple(state[k].shape) != tuple(own[k].shape)
+        )
+        if missing or unexpected or shapes:
+            lines = ["VQGAN checkpoint does not match the model built from the config:"]
+            sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+            for title, items in sections:
+                if items:
+                    lines.append(f"  {title} ({len(items)}):")
+                    lines.extend(f"    {item}" for item in items)
+            raise VQGANCheckpointError("\n".join(lines))
+        self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_ckpt(cls, path: str | Path, config: VQGANConfig) -> VQGAN:
+        """Build from ``config``, strictly load ``path`` (``{'state_dict': ...}``), return it in eval mode."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingResourceError("VQGAN checkpoint", path, "Expected minDALL-E's stage1_last.ckpt.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(config)
+        model.load_checkpoint_state(state)
+        return model.eval()
