@@ -2,6 +2,7 @@
 Transformer1d (stage 2) and its sampler; stage 1 is the shared taming VQGAN in `storyexp.models.vqgan`."""
 
 from .model import MinDalle
+from .story import StoryDalleNet, load_storydalle_checkpoint
 from .sampling import cutoff_topk_logits, cutoff_topp_probs, next_code_probs, sample_codes
 from .tokenizer import build_tokenizer
 from .transformer import KVCache, Stage2Config, Transformer1d, positions_1d
@@ -10,10 +11,12 @@ __all__ = [
     "KVCache",
     "MinDalle",
     "Stage2Config",
+    "StoryDalleNet",
     "Transformer1d",
     "build_tokenizer",
     "cutoff_topk_logits",
     "cutoff_topp_probs",
+    "load_storydalle_checkpoint",
     "next_code_probs",
     "positions_1d",
     "sample_codes",
