@@ -86,11 +86,11 @@ class StoryEvaluation(L.Callback):
 
     def _classifier(self, trainer: L.Trainer):
         """Load the cached character classifier, or train it on the training split (rank 0) and cache it."""
-        from storyexp.metrics import load_classifier, save_classifier, train_character_classifier
+        from storyexp.metrics import save_classifier, train_character_classifier
 
         path = Path(self.classifier_cfg["path"])
         datamodule = trainer.datamodule
-        if trainer.is_global_zero and not self._usable(path):
+        if trainer.is_global_zero and self._cached(path) is None:
             frames, labels = _frames_and_labels(datamodule, "train")
             if labels is None:
                 self._warn_once("labels", "The dataset has no character labels: character metrics are skipped.")
@@ -108,21 +108,20 @@ class StoryEvaluation(L.Callback):
                 log.info("Character classifier: %s", {k: v for k, v in report.items() if not isinstance(v, list)})
                 save_classifier(classifier, path)
         trainer.strategy.barrier("storyexp-classifier")
-        if not self._usable(path):
-            return None
-        return load_classifier(path)
+        return self._cached(path)
 
-    def _usable(self, path: Path) -> bool:
+    def _cached(self, path: Path):
+        """The cached classifier if it exists, loads and scores this dataset's characters; else None."""
         if not path.is_file():
-            return False
+            return None
         from storyexp.metrics import load_classifier
 
         try:
-            names = list(getattr(load_classifier(path), "class_names", None) or [])
+            classifier = load_classifier(path)
         except Exception as err:  # an unreadable cache is rebuilt, not trusted
             log.warning("Ignoring unreadable character classifier %s (%s)", path, err)
-            return False
-        return names == self.characters
+            return None
+        return classifier if list(getattr(classifier, "class_names", None) or []) == self.characters else None
 
     # ----------------------------------------------------------------------------------------- per batch
 

@@ -103,9 +103,11 @@ class ARLDMSystem(L.LightningModule):
     def tokenize(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to S; captions longer than S are truncated with a warning (the original crashed)."""
         enc = tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
-                        return_tensors="pt", return_overflowing_tokens=False, return_length=False)
-        full = tokenizer(texts, truncation=False)["input_ids"]
-        too_long = [(t, len(ids)) for t, ids in zip(texts, full) if len(ids) > self.max_length]
+                        return_tensors="pt")
+        # only captions that fill all S positions can have been cut: measure just those again
+        full_rows = [t for t, m in zip(texts, enc["attention_mask"]) if int(m.sum()) == self.max_length]
+        lengths = [len(ids) for ids in tokenizer(full_rows, truncation=False)["input_ids"]] if full_rows else []
+        too_long = [(t, n) for t, n in zip(full_rows, lengths) if n > self.max_length]
         if too_long and self._warned_long < 5:
             self._warned_long += 1
             text, n = too_long[0]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sampling import next_code_probs
-from .transformer import Block, KVCache, Stage2Config, Transformer1d
+from .transformer import AttentionProjections, Block, KVCache, Stage2Config, Transformer1d
 
 GATE_INITS = ("zero", "none")
 
@@ -38,18 +38,8 @@ def cross_attn_block_indices(n_layers: int, every: int = 3) -> list[int]:
     return list(range(every - 1, n_layers, every))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Multi-head attention from x (queries) to a source sequence (keys/values), no mask over the source."""
-
-    def __init__(self, cfg: Stage2Config):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.key = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
-        self.query = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
-        self.value = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
-        self.attn_pdrop = cfg.attn_pdrop
-        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x: Tensor, src: Tensor) -> Tensor:
         B, T, C = x.shape

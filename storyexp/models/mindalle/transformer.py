@@ -65,7 +65,9 @@ class Stage2Config:
         return self.ctx_len_txt + self.ctx_len_img
 
 
-class CausalSelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """The key/query/value/proj linears (minDALL-E's names) and dropouts every attention here shares."""
+
     def __init__(self, cfg: Stage2Config):
         super().__init__()
         assert cfg.embed_dim % cfg.n_heads == 0
@@ -76,6 +78,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+
+
+class CausalSelfAttention(AttentionProjections):
+    def __init__(self, cfg: Stage2Config):
+        super().__init__(cfg)
         # Lower-triangular mask over the whole [text ; image] context. Non-persistent: the original checkpoints
         # do not store it, and strict loading must not expect it.
         mask = torch.tril(torch.ones(cfg.ctx_len, cfg.ctx_len, dtype=torch.bool))
