@@ -9,7 +9,8 @@ For continuation the first frame is given: `sample.source_image=frame.png` for u
 first caption is that frame's), or the split's own first frame.
 
 Output: <output_dir>/samples/story_XXX.png (grid: ground truth above generated, captions under each
-frame) and story_XXX/frame_K.png (the generated frames at full resolution).
+frame) and story_XXX/frame_K.png (the generated frames at full resolution); further candidates of a story, for
+models that draw several (`model.sampler.num_candidates`), go to story_XXX/candidate_C/frame_K.png.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def read_image(path: str) -> np.ndarray:
 
 def write_samples(out_dir: Path, stories: list[Story], predictions: list[dict], n_targets: int, has_truth: bool) -> None:
     generated = [g for batch in predictions for g in batch["generated"].cpu().numpy()]
+    # models that draw several candidates per story (model.sampler.num_candidates) return them all; the first is
+    # `generated`, the others are written beside it as candidate_K/
+    candidates = [c for batch in predictions if "candidates" in batch for c in batch["candidates"].cpu().numpy()]
     for i, (story, frames) in enumerate(zip(stories, generated)):
         first = len(story.frames) - n_targets
         source = story.frames[0] if first > 0 else None
@@ -117,3 +121,6 @@ def write_samples(out_dir: Path, stories: list[Story], predictions: list[dict], 
         save_png(story_grid(real, frames, captions, source_frame=source), out_dir / f"story_{i:03d}.png")
         for k, frame in enumerate(frames):
             save_png(frame, out_dir / f"story_{i:03d}" / f"frame_{first + k}.png")
+        for c, others in enumerate(candidates[i][1:] if i < len(candidates) else [], start=1):
+            for k, frame in enumerate(others):
+                save_png(frame, out_dir / f"story_{i:03d}" / f"candidate_{c}" / f"frame_{first + k}.png")

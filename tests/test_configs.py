@@ -68,7 +68,7 @@ def test_model_options_from_sizes_instantiate(name, tmp_path):
 
 
 def test_published_model_reports_missing_weights(tmp_path):
-    cfg = compose_cfg(["model=arldm"], tmp_path)
+    cfg = compose_cfg(["model=arldm", "data=pororo"], tmp_path)
     assert cfg.model.image_size == 512 and cfg.model.sampler.num_inference_steps == 250
     with pytest.raises(MissingResourceError) as err:
         build_model(cfg)

@@ -7,6 +7,8 @@ Batches are model-agnostic dicts (systems turn them into network inputs)::
     labels   float32 tensor [B, 5, C], or None when the split has no labels
     ids      list (B) of str
     index    int64 tensor [B] (row of the story in its split)
+    sentence_embeds  float32 tensor [B, 5, D]: the dataset's own per-frame sentence embeddings (only with
+                     ``sentence_embeddings=True``; StoryDALL-E's story-block input)
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from storyexp.errors import ConfigurationError
+
 from .frames import FRAME_RULES
 from .demo import DEMO_CHARACTERS, ensure_demo_dataset, read_demo_params
 from .hdf5 import HDF5Stories
 from .sources import KNOWN_DATASETS, open_split
-from .story import Story, StoryDataError
+from .story import N_FRAMES, Story, StoryDataError
 
-__all__ = ["StoryDataModule", "StoryItems", "collate_stories", "KNOWN_DATASETS", "open_split"]
+__all__ = [
+    "StoryDataModule",
+    "StoryItems",
+    "collate_stories",
+    "has_sentence_embeddings",
+    "KNOWN_DATASETS",
+    "open_split",
+]
 
 TASKS = ("continuation", "visualization")
 _DEMO_KEYS = ("seed", "n_train", "n_val", "n_test", "resolution")
@@ -44,21 +55,56 @@ class _Head(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int):  # type: ignore[override]
+    def _index(self, i: int) -> int:
         i = int(i)
         if i < 0:
             i += self.n
         if not 0 <= i < self.n:
             raise IndexError(i)
-        return self.base[i]
+        return i
+
+    def __getitem__(self, i: int):  # type: ignore[override]
+        return self.base[self._index(i)]
+
+    def sentence_embeddings(self, i: int) -> np.ndarray:
+        """The base reader's sentence embeddings of story `i` (within the head)."""
+        return self.base.sentence_embeddings(self._index(i))
+
+
+def _reader(stories: Sequence) -> Sequence:
+    """The dataset reader behind any :class:`_Head` views."""
+    while isinstance(stories, _Head):
+        stories = stories.base
+    return stories
+
+
+def has_sentence_embeddings(stories: Sequence) -> bool:
+    """Whether the reader behind `stories` ships per-frame sentence embeddings (``sentence_embeddings(i)``).
+
+    Only StoryDALL-E's raw PororoSV and FlintstonesSV archives do; the HDF5 layout, SSID and the demo do not.
+    """
+    return callable(getattr(_reader(stories), "sentence_embeddings", None))
 
 
 class StoryItems(Dataset):
-    """Map-style torch dataset: story ``i`` as a dict of numpy data (collated by :func:`collate_stories`)."""
+    """Map-style torch dataset: story ``i`` as a dict of numpy data (collated by :func:`collate_stories`).
 
-    def __init__(self, stories: Sequence[Story], frame_size: int | None = None) -> None:
+    With ``sentence_embeddings=True`` each item also holds ``"sentence_embeds"``, float32 ``[5, D]`` from the
+    reader's ``sentence_embeddings(i)``; a reader without them is a :class:`ConfigurationError` here, when the
+    dataset is built, rather than in the first batch.
+    """
+
+    def __init__(
+        self, stories: Sequence[Story], frame_size: int | None = None, sentence_embeddings: bool = False
+    ) -> None:
         self.stories = stories
         self.frame_size = None if frame_size is None else int(frame_size)
+        self.sentence_embeddings = bool(sentence_embeddings)
+        if self.sentence_embeddings and not has_sentence_embeddings(stories):
+            raise ConfigurationError(
+                f"{type(_reader(stories)).__name__} ships no per-frame sentence embeddings; "
+                "compute them from the captions with a sentence encoder instead"
+            )
 
     def __len__(self) -> int:
         return len(self.stories)
@@ -72,13 +118,31 @@ class StoryItems(Dataset):
                 f if f.shape[:2] == (fs, fs) else cv2.resize(f, (fs, fs), interpolation=cv2.INTER_AREA)
                 for f in frames
             ]
-        return {
+        item = {
             "frames": frames,
             "captions": list(story.captions),
             "labels": story.labels,
             "id": story.id,
             "index": int(index),
         }
+        if self.sentence_embeddings:
+            item["sentence_embeds"] = self._sentence_embeds(index, story)
+        return item
+
+    def _sentence_embeds(self, index: int, story: Story) -> np.ndarray:
+        emb = np.asarray(self.stories.sentence_embeddings(index), dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(story.frames):
+            reader = _reader(self.stories)
+            raise StoryDataError(
+                f"sentence embeddings have shape {list(emb.shape)}, expected [{len(story.frames)}, dim] "
+                "(one row per frame)",
+                file=getattr(reader, "root", None),
+                split=getattr(reader, "split", None),
+                index=int(index),
+                story_id=story.id,
+                field="sentence_embeds",
+            )
+        return emb
 
 
 def collate_stories(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,13 +168,31 @@ def collate_stories(items: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         missing = [it["id"] for it in items if it["labels"] is None]
         raise ValueError(f"some stories in the batch have labels and some do not (without: {missing})")
-    return {
+    batch = {
         "frames": frames,
         "captions": [it["captions"] for it in items],
         "labels": labels,
         "ids": [it["id"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    embeds = _collate_sentence_embeds(items)
+    if embeds is not None:
+        batch["sentence_embeds"] = embeds
+    return batch
+
+
+def _collate_sentence_embeds(items: list[dict[str, Any]]) -> torch.Tensor | None:
+    """float32 ``[B, 5, D]`` when every item has ``sentence_embeds``, ``None`` when none has."""
+    have = [it for it in items if "sentence_embeds" in it]
+    if not have:
+        return None
+    if len(have) != len(items):
+        missing = [it["id"] for it in items if "sentence_embeds" not in it]
+        raise ValueError(f"some stories in the batch have sentence embeddings and some do not (without: {missing})")
+    shapes = sorted({tuple(np.shape(it["sentence_embeds"])) for it in items})
+    if len(shapes) > 1:
+        raise ValueError(f"sentence embeddings of different shapes cannot be stacked into one batch: {shapes}")
+    return torch.from_numpy(np.stack([np.asarray(it["sentence_embeds"], dtype=np.float32) for it in items]))
 
 
 class StoryDataModule(L.LightningDataModule):
@@ -133,6 +215,11 @@ class StoryDataModule(L.LightningDataModule):
         text_key: caption dataset name; ``None`` auto-detects.
         train_split, val_split: group names of the training and validation splits.
         pin_memory: passed to the DataLoaders.
+        sentence_embeddings: add ``batch["sentence_embeds"]`` (float32 ``[B, 5, D]``), the per-frame sentence
+            embeddings the dataset ships (StoryDALL-E's story-block input: the 512-d USE vectors of its raw
+            PororoSV and FlintstonesSV archives). Only those raw readers have them; any other source (HDF5
+            files, SSID, the demo) is a :class:`~storyexp.errors.ConfigurationError` in ``setup``: compute the
+            embeddings from the captions with ``model.sentence_encoder`` instead. Default ``False`` (no key).
     """
 
     def __init__(
@@ -157,6 +244,7 @@ class StoryDataModule(L.LightningDataModule):
         max_length: int | None = None,
         vocabulary: Sequence[str] | None = None,
         frame_choice: Mapping[str, str] | None = None,
+        sentence_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if name not in KNOWN_DATASETS:
@@ -183,6 +271,8 @@ class StoryDataModule(L.LightningDataModule):
         self.frame_size = None if frame_size is None else int(frame_size)
         self.text_key = text_key
         self.pin_memory = bool(pin_memory)
+        self.sentence_embeddings = bool(sentence_embeddings)
+        self.sentence_embedding_dim: int | None = None  # D, known once a split is set up
         # where a raw source stores several frames per caption: random in training, fixed for val/test
         self.frame_choice = {"train": "random", "eval": "fixed", **dict(frame_choice or {})}
         unknown = sorted(set(self.frame_choice.values()) - set(FRAME_RULES))
@@ -202,6 +292,7 @@ class StoryDataModule(L.LightningDataModule):
                 "batch_size": self.batch_size,
                 "frame_size": self.frame_size,
                 "demo": self.demo,
+                "sentence_embeddings": self.sentence_embeddings,
             }
         )
 
@@ -275,10 +366,45 @@ class StoryDataModule(L.LightningDataModule):
             self.name, self.path, split, text_key=self.text_key, missing_hint=self.missing_hint, frame_choice=rule
         )
         self._check_characters(stories)
+        if self.sentence_embeddings:
+            self._check_sentence_embeddings(stories, split)
         limit = self._limit_for(split)
         if limit is not None:
             stories = _Head(stories, limit)
-        return StoryItems(stories, frame_size=self.frame_size)
+        return StoryItems(stories, frame_size=self.frame_size, sentence_embeddings=self.sentence_embeddings)
+
+    def _check_sentence_embeddings(self, stories: Sequence[Story], split: str) -> None:
+        """Fail in ``setup``, before any batch: the source must ship embeddings, readable and of one size.
+
+        Reading story 0's embeddings also loads the reader's embedding file once in this process (forked
+        DataLoader workers then share it), and reports a missing or malformed file with its path.
+        """
+        if not has_sentence_embeddings(stories):
+            if isinstance(stories, HDF5Stories):
+                source = "generated demo HDF5 file" if self.name == "demo" else "HDF5 file (AR-LDM layout)"
+            else:
+                source = f"raw folder ({type(stories).__name__})"
+            raise ConfigurationError(
+                f"data.sentence_embeddings=true, but the {self.name} {source} at {self.path} ships no per-frame "
+                "sentence embeddings (only StoryDALL-E's raw PororoSV and FlintstonesSV folders do). Set "
+                "data.sentence_embeddings=false and compute them from the captions with "
+                "model.sentence_encoder.kind=hashing (weight-free) or model.sentence_encoder.kind=transformers "
+                "(a sentence-transformers model folder)."
+            )
+        if len(stories) == 0:
+            return
+        emb = np.asarray(stories.sentence_embeddings(0))
+        if emb.ndim != 2 or emb.shape[0] != N_FRAMES:
+            raise StoryDataError(
+                f"sentence embeddings have shape {list(emb.shape)}, expected [{N_FRAMES}, dim]",
+                file=self.path, split=split, index=0, field="sentence_embeds",
+            )
+        if self.sentence_embedding_dim is not None and emb.shape[1] != self.sentence_embedding_dim:
+            raise StoryDataError(
+                f"sentence embeddings are {emb.shape[1]}-d here but {self.sentence_embedding_dim}-d in another split",
+                file=self.path, split=split, index=0, field="sentence_embeds",
+            )
+        self.sentence_embedding_dim = int(emb.shape[1])
 
     def _check_characters(self, stories: HDF5Stories) -> None:
         if not isinstance(stories, HDF5Stories):  # raw readers take their label order from the layout

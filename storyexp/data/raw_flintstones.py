@@ -7,6 +7,8 @@ Layout read (the directory passed as ``root``)::
     train-val-test_split.json               {"train": [...], "val": [...], "test": [...]} (globalIDs, unsorted)
     following_cache4.pkl                    {globalID: [next globalIDs of the same season/episode]}
     labels.pkl                              {globalID: 7 ints}, order of FLINTSTONES_CHARACTERS
+    flintstones_use_embeddings.npy          float32 [n_clips, 512] USE sentence embeddings (optional)
+    flintstones_use_embed_idxs.pkl          {globalID: row of flintstones_use_embeddings.npy} (optional)
 
 A story is a clip plus the 4 clips that follow it (``following_cache4.pkl``); its id is the first clip's globalID.
 Stories come in split-file order.
@@ -26,6 +28,10 @@ StoryDALL-E's ``story-dalle/flintstones_dataloader.py``):
 * **Frame choice.** Both originals pick a random frame of each clip on every access; here the rule is
   ``frame_choice`` (:func:`storyexp.data.frames.pick_frame`, key ``"<story id>/<position>"``).
 * Duplicate ``globalID`` objects in the annotations: the last one wins (as in both originals' dict build).
+* **Sentence embeddings** (:meth:`FlintstonesRawStories.sentence_embeddings`, StoryDALL-E's story-block input)
+  are ``flintstones_use_embeddings[flintstones_use_embed_idxs[globalID]]`` per clip, as StoryDALL-E reads them,
+  but for all 5 frames (StoryDALL-E returns the 4 targets' rows only). The two files are read on first use, so a
+  folder without them still serves stories.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from .frames import FRAME_RULES, pick_frame
 from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
+    "EMBEDDINGS_FILE",
+    "EMBEDDING_ROWS_FILE",
     "FLINTSTONES_CHARACTERS",
     "FLINTSTONES_SPLITS",
     "FlintstonesRawStories",
@@ -59,6 +67,10 @@ ANNOTATIONS_FILE = "flintstones_annotations_v1-0.json"
 SPLIT_FILE = "train-val-test_split.json"
 FOLLOWING_FILE = "following_cache4.pkl"
 LABELS_FILE = "labels.pkl"
+#: Sentence embeddings (only read by :meth:`FlintstonesRawStories.sentence_embeddings`): the table and the
+#: globalID -> row map (rows are not in annotation or sorted order, so the map is the only way in).
+EMBEDDINGS_FILE = "flintstones_use_embeddings.npy"
+EMBEDDING_ROWS_FILE = "flintstones_use_embed_idxs.pkl"
 
 #: Shape of one clip file.
 CLIP_SHAPE = (5, 128, 128, 3)
@@ -155,6 +167,9 @@ class FlintstonesRawStories(Sequence[Story]):
             raise StoryDataError("expected a pickled dict globalID -> 7 labels", file=self.root / LABELS_FILE,
                                  split=split, field="labels")
         self._labels = labels
+        # sentence embeddings: loaded by the first sentence_embeddings() call (memory-mapped table)
+        self._embedding_table: np.ndarray | None = None
+        self._embedding_rows: dict | None = None
 
     # --- loading helpers -------------------------------------------------------------------------------------
 
@@ -173,6 +188,12 @@ class FlintstonesRawStories(Sequence[Story]):
                 return pickle.load(f, encoding="latin1")
         except Exception as e:  # unpickling can raise nearly anything on a damaged file
             raise StoryDataError(f"cannot unpickle: {e}", file=path, split=self.split) from e
+
+    def __getstate__(self) -> dict:
+        # A memory-mapped table would be pickled as a full copy (DataLoader workers under spawn): reopen instead.
+        state = self.__dict__.copy()
+        state["_embedding_table"] = state["_embedding_rows"] = None
+        return state
 
     # --- Sequence --------------------------------------------------------------------------------------------
 
@@ -259,6 +280,69 @@ class FlintstonesRawStories(Sequence[Story]):
                 f"clip has shape {shape} dtype {dtype}, expected {CLIP_SHAPE} uint8", file=path, field=field, **ctx
             )
         return clip
+
+    # --- sentence embeddings -------------------------------------------------------------------------------
+
+    def sentence_embeddings(self, index: int) -> np.ndarray:
+        """float32 ``[5, D]`` (D = 512 in the archive): the USE sentence embedding of each clip of story `index`.
+
+        Row ``flintstones_use_embed_idxs.pkl[globalID]`` of ``flintstones_use_embeddings.npy`` per clip, source
+        clip first (StoryDALL-E feeds these to its story block; it returns only the 4 targets' rows).
+
+        Raises:
+            StoryDataError: an embeddings file is missing or unreadable, a clip has no row, or its row is out of
+                range (the message names the file, the story and the field ``embedding<position>``).
+        """
+        i = self._index(index)
+        gids = self._stories[i]
+        ctx = dict(split=self.split, index=i, story_id=gids[0])
+        table, rows = self._load_embeddings(ctx)
+        out = np.empty((len(gids), table.shape[1]), dtype=np.float32)
+        for pos, gid in enumerate(gids):
+            row = rows.get(gid)
+            if row is None:
+                raise StoryDataError(f"no sentence embedding row for clip {gid!r}",
+                                     file=self.root / EMBEDDING_ROWS_FILE, field=f"embedding{pos}", **ctx)
+            if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
+                raise StoryDataError(f"row of clip {gid!r} is {row!r}, not an integer",
+                                     file=self.root / EMBEDDING_ROWS_FILE, field=f"embedding{pos}", **ctx)
+            if not 0 <= int(row) < table.shape[0]:
+                raise StoryDataError(
+                    f"row {int(row)} of clip {gid!r} is out of range for the {table.shape[0]} rows of "
+                    f"{EMBEDDINGS_FILE}",
+                    file=self.root / EMBEDDING_ROWS_FILE, field=f"embedding{pos}", **ctx)
+            out[pos] = table[int(row)]
+        return out
+
+    def _load_embeddings(self, ctx: dict) -> tuple[np.ndarray, dict]:
+        """The embedding table (memory-mapped: workers share it rather than each holding tens of MB), row map."""
+        if self._embedding_table is not None and self._embedding_rows is not None:
+            return self._embedding_table, self._embedding_rows
+        for name in (EMBEDDINGS_FILE, EMBEDDING_ROWS_FILE):
+            if not (self.root / name).is_file():
+                raise StoryDataError(
+                    f"sentence embeddings file is missing (StoryDALL-E's flintstones archive ships {EMBEDDINGS_FILE} "
+                    f"and {EMBEDDING_ROWS_FILE}; without them compute embeddings from the captions instead)",
+                    file=self.root / name, field="sentence_embeddings", **ctx)
+        path = self.root / EMBEDDINGS_FILE
+        try:
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # truncated / not an .npy / pickled object array
+            raise StoryDataError(f"cannot read the embeddings as a plain numpy array: {e}", file=path,
+                                 field="sentence_embeddings", **ctx) from e
+        if table.ndim != 2 or table.shape[1] == 0 or not np.issubdtype(table.dtype, np.floating):
+            raise StoryDataError(
+                f"expected a 2-D float array [n_clips, dim], got shape {list(table.shape)} dtype {table.dtype}",
+                file=path, field="sentence_embeddings", **ctx)
+        try:
+            rows = self._load_pickle(EMBEDDING_ROWS_FILE)
+        except StoryDataError as e:
+            raise StoryDataError(e.reason, file=e.file, field="sentence_embeddings", **ctx) from e
+        if not isinstance(rows, dict):
+            raise StoryDataError(f"expected a pickled dict globalID -> row, got {type(rows).__name__}",
+                                 file=self.root / EMBEDDING_ROWS_FILE, field="sentence_embeddings", **ctx)
+        self._embedding_table, self._embedding_rows = table, rows
+        return table, rows
 
     def __repr__(self) -> str:
         return (f"FlintstonesRawStories(root={str(self.root)!r}, split={self.split!r}, "

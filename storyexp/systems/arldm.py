@@ -19,7 +19,7 @@ from storyexp.errors import ConfigurationError
 from storyexp.models.arldm.blip import blip_preprocess
 from storyexp.systems.arldm_builder import build_arldm
 from storyexp.systems.samplers import make_scheduler
-from storyexp.systems.schedules import resolve_warmup_steps, warmup_cosine
+from storyexp.systems.schedules import configure_adamw
 
 log = logging.getLogger(__name__)
 
@@ -219,25 +219,9 @@ class ARLDMSystem(L.LightningModule):
     # ---------------------------------------------------------------------------------------- optimizers
 
     def configure_optimizers(self):
-        opt_cfg = dict(self.hparams.optimizer)
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigurationError("Every parameter is frozen: nothing to train (check model.train.freeze_*).")
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=float(opt_cfg.get("lr", 1e-5)),
-            weight_decay=float(opt_cfg.get("weight_decay", 1e-4)),
-            betas=tuple(opt_cfg.get("betas", (0.9, 0.999))),
-            eps=float(opt_cfg.get("eps", 1e-8)),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        steps_per_epoch = total / max_epochs
-        sched_cfg = dict(self.hparams.lr_schedule)
-        warmup = resolve_warmup_steps(total, sched_cfg.get("warmup_steps"), sched_cfg.get("warmup_epochs"),
-                                      steps_per_epoch)
-        scheduler = warmup_cosine(optimizer, total_steps=total, warmup_steps=warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return configure_adamw(self, self.hparams.optimizer, self.hparams.lr_schedule,
+                               defaults={"lr": 1e-5, "weight_decay": 1e-4, "betas": (0.9, 0.999)},
+                               frozen_hint="check model.train.freeze_*")
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -34,3 +34,43 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     """
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
                                            num_training_steps=max(int(total_steps), 1))
+
+
+DECAYS = ("cosine", "constant")
+
+
+def warmup_then(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, decay: str = "cosine"):
+    """Linear warm-up, then `cosine` decay to 0 at `total_steps` or a `constant` LR (diffusers' schedules)."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+
+    if decay == "cosine":
+        return warmup_cosine(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    if decay == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+    raise ValueError(f"lr_schedule.decay must be one of {DECAYS}, got {decay!r}")
+
+
+def configure_adamw(module, optimizer: dict, lr_schedule: dict, *, defaults: dict, frozen_hint: str) -> dict:
+    """`configure_optimizers` shared by the systems: AdamW over the trainable parameters, then a per-step
+    warm-up + decay schedule sized from `trainer.estimated_stepping_batches` (DDP, accumulation, max_steps)."""
+    from storyexp.errors import ConfigurationError
+
+    opt_cfg = {**defaults, **dict(optimizer)}
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigurationError(f"Every parameter is frozen: nothing to train ({frozen_hint}).")
+    adamw = torch.optim.AdamW(
+        params,
+        lr=float(opt_cfg["lr"]),
+        weight_decay=float(opt_cfg["weight_decay"]),
+        betas=tuple(float(b) for b in opt_cfg["betas"]),
+        eps=float(opt_cfg.get("eps", 1e-8)),
+    )
+    trainer = module.trainer
+    total = int(trainer.estimated_stepping_batches)
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    sched_cfg = dict(lr_schedule)
+    warmup = resolve_warmup_steps(total, sched_cfg.get("warmup_steps"), sched_cfg.get("warmup_epochs"),
+                                  total / max_epochs)
+    scheduler = warmup_then(adamw, total_steps=total, warmup_steps=warmup, decay=str(sched_cfg.get("decay", "cosine")))
+    return {"optimizer": adamw, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

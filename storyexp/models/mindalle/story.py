@@ -178,18 +178,28 @@ class StoryDalleNet(nn.Module):
 
     # ------------------------------------------------------------------ blocks
     def _run_blocks(
-        self, x: Tensor, *, start: int, first_img_pred: int, src: Tensor | None, past: KVCache | None = None
+        self,
+        x: Tensor,
+        *,
+        start: int,
+        first_img_pred: int,
+        src: Tensor | None,
+        past: KVCache | None = None,
+        src_rows: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
         """Backbone blocks over new positions start..start+T-1 with cross-attention inserted after self-attention.
 
         Cross-attention reaches only positions >= first_img_pred (= P+N-1, those predicting image tokens), on the
-        full pass and on every cached step alike.
+        full pass and on every cached step alike; `src_rows` [M] (bool) limits it to the sequences that have a
+        source frame (visualization: a story's first frame is drawn from its text alone).
         """
         T = x.shape[1]
         xmask = None
         if src is not None and self.cross_blocks:
             pos = torch.arange(start, start + T, device=x.device)
             xmask = (pos >= first_img_pred).to(x.dtype).view(1, T, 1)
+            if src_rows is not None:
+                xmask = xmask * src_rows.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
             if not bool(xmask.any()):
                 xmask = None
         presents: KVCache = []
@@ -210,11 +220,17 @@ class StoryDalleNet(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(
-        self, texts: Tensor, images: Tensor, source_codes: Tensor | None, sentence_embeds: Tensor
+        self,
+        texts: Tensor,
+        images: Tensor,
+        source_codes: Tensor | None,
+        sentence_embeds: Tensor,
+        source_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """texts [B, L, N], images [B, L, T], source_codes [B, S] (None: no cross-attention), sentence_embeds
-        [B, L, E]. Returns (logits_img [B*L, T, V_img], logits_txt [B*L, N-1, V_txt]); image token t is read at
-        position P+N-1+t and text token n+1 at P+n."""
+        [B, L, E], source_rows [B, L] or [L] bool (None: every frame sees the source). Returns
+        (logits_img [B*L, T, V_img], logits_txt [B*L, N-1, V_txt]); image token t is read at position P+N-1+t and
+        text token n+1 at P+n."""
         B, L, N = texts.shape
         texts, images = texts.reshape(B * L, N), images.reshape(B * L, -1)
         T = images.shape[1]
@@ -223,7 +239,10 @@ class StoryDalleNet(nn.Module):
         prompt = self.story_embeddings(sentence_embeds)
         P = prompt.shape[1]
         src = None if source_codes is None else self.source_embeddings(source_codes, L)
-        h, _ = self._run_blocks(self._sequence(prompt, texts, images), start=0, first_img_pred=P + N - 1, src=src)
+        rows = None if source_rows is None else source_rows.expand(B, L).reshape(B * L)
+        h, _ = self._run_blocks(
+            self._sequence(prompt, texts, images), start=0, first_img_pred=P + N - 1, src=src, src_rows=rows
+        )
         h = self.stage2.ln_f(h)
         logits_img = self.stage2.head_img(h[:, P + N - 1 : P + N - 1 + T])
         logits_txt = self.stage2.head_txt(h[:, P : P + N - 1])
@@ -237,9 +256,10 @@ class StoryDalleNet(nn.Module):
         sentence_embeds: Tensor,
         pad_id: int,
         mask_text_padding: bool = True,
+        source_rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Image CE + text CE (weights 1:1). mask_text_padding=False reproduces the original (pads are targets)."""
-        logits_img, logits_txt = self(texts, images, source_codes, sentence_embeds)
+        logits_img, logits_txt = self(texts, images, source_codes, sentence_embeds, source_rows)
         loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), images.reshape(-1))
         tgt = texts.reshape(-1, texts.shape[-1])[:, 1:].reshape(-1)
         per_tok = F.cross_entropy(logits_txt.reshape(-1, logits_txt.shape[-1]), tgt, reduction="none")
@@ -289,21 +309,66 @@ class StoryDalleNet(nn.Module):
         generator: torch.Generator | None = None,
         num_codes: int | None = None,
         use_cache: bool = True,
+        chain: bool = False,
     ) -> Tensor:
-        """Sample each frame's codes; texts [B, L, N], sentence_embeds [B, L, E], source_codes [B, S] -> [B, L, T].
+        """Sample a story's frames; texts [B, L, N], sentence_embeds [B, L, E], source_codes [B, S] -> [B, L, T].
 
-        One `torch.multinomial` over the [B*L, V] step distribution per code (temperature -> top-k -> softmax ->
-        top-p, `next_code_probs`). use_cache=False recomputes the full sequence each step (reference loop); both
+        - Continuation (`source_codes` given): every frame attends to the source frame, all L frames drawn in
+          parallel as the original does (one `torch.multinomial` over the [B*L, V] step distribution per code, so
+          seeded codes match it).
+        - Visualization (`source_codes=None`): frame 0 is drawn from its text alone (no cross-attention), then used
+          as the source of the others.
+        - `chain=True`: frame i attends to the generated frame i-1 instead (frame 0 to the source, if any); frames
+          are then drawn one after another.
+
+        The story block is causal over frames, so a frame's story token is the same whether the frames are drawn
+        together or one by one. use_cache=False recomputes the full sequence each step (reference loop); both
         paths draw the same codes under the same seed.
         """
         B, L, N = texts.shape
-        texts = texts.reshape(B * L, N)
-        n_codes = num_codes or self.cfg.ctx_len_img
         prompt = self.story_embeddings(sentence_embeds)
-        P = prompt.shape[1]
-        src = None if source_codes is None else self.source_embeddings(source_codes, L)
+        prompt = prompt.view(B, L, *prompt.shape[1:])
+        opts = dict(top_k=top_k, top_p=top_p, temperature=temperature, generator=generator,
+                    n_codes=num_codes or self.cfg.ctx_len_img, use_cache=use_cache)
+
+        def draw(frames: list[int], source: Tensor | None) -> Tensor:
+            n = len(frames)
+            src = None if source is None else self.source_embeddings(source, n)
+            rows = self._sample_sequences(
+                prompt[:, frames].reshape(B * n, *prompt.shape[2:]), texts[:, frames].reshape(B * n, N), src, **opts
+            )
+            return rows.view(B, n, -1)
+
+        out, first = [], 0
+        if source_codes is None:
+            out.append(draw([0], None))
+            source_codes, first = out[0][:, 0], 1
+        if chain:
+            for i in range(first, L):
+                out.append(draw([i], source_codes))
+                source_codes = out[-1][:, 0]
+        elif first < L:
+            out.append(draw(list(range(first, L)), source_codes))
+        return torch.cat(out, dim=1)
+
+    def _sample_sequences(
+        self,
+        prompt: Tensor,
+        texts: Tensor,
+        src: Tensor | None,
+        *,
+        n_codes: int,
+        top_k: int | None,
+        top_p: float | None,
+        temperature: float,
+        generator: torch.Generator | None,
+        use_cache: bool,
+    ) -> Tensor:
+        """prompt [M, P, D], texts [M, N], src [M, S, D] or None -> codes [M, n_codes]; temperature -> top-k ->
+        softmax -> top-p (`next_code_probs`), one multinomial over [M, V] per code."""
+        P, N = prompt.shape[1], texts.shape[1]
         first = P + N - 1
-        codes = texts.new_zeros(B * L, 0)
+        codes = texts.new_zeros(texts.shape[0], 0)
         past = None
         for t in range(n_codes):
             if not use_cache:
@@ -318,7 +383,7 @@ class StoryDalleNet(nn.Module):
             probs = next_code_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
             idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
             codes = torch.cat([codes, idx], dim=1)
-        return codes.view(B, L, n_codes)
+        return codes
 
 
 def sample_story_codes(net: StoryDalleNet, texts: Tensor, sentence_embeds: Tensor, source_codes: Tensor | None,
