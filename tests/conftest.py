@@ -85,3 +85,16 @@ def _single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def run_composed(overrides: list[str], tmp_path: Path, data_dir: Path) -> tuple[dict, Path]:
+    """Compose, run the task, return (metrics.json or {}, the run's output folder)."""
+    import json
+
+    from storyexp.tasks import run_task
+
+    cfg = compose_cfg(overrides, tmp_path, data_dir=data_dir)
+    run_task(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    return metrics, out

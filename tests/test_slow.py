@@ -45,3 +45,21 @@ def test_demo_model_train_step_validation_and_sampling(tmp_path, shared_data_dir
     run_task(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
+
+
+def test_storydalle_demo_model_fits_stage1_then_trains_validates_and_samples(tmp_path, shared_data_dir):
+    """`model=mindalle data=demo` (the demo size): stage 1 fitted on first use, then stage 2 steps and sampling."""
+    from storyexp.tasks import run_task
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(TINY_DEMO + ["model=mindalle", "trainer=cpu", "trainer.max_steps=2",
+                                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                                   "trainer.limit_test_batches=1", "model.network.stage1_fit.steps=5",
+                                   f"model.network.stage1_fit.cache={tmp_path / 'stage1.ckpt'}",
+                                   "eval.classifier.epochs=1", "logger=csv"], tmp_path, data_dir=shared_data_dir)
+    assert cfg.model.network.source == "sizes"
+    run_task(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
+    assert (tmp_path / "stage1.ckpt").is_file()

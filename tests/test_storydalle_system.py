@@ -12,9 +12,9 @@ import torch
 
 from storyexp.errors import ConfigurationError, MissingResourceError
 from storyexp.models.mindalle.story import StoryDalleNet
-from storyexp.tasks import build_model, run_task
+from storyexp.tasks import build_model
 
-from .conftest import TINY_DEMO, TINY_RUN, compose_cfg
+from .conftest import TINY_DEMO, TINY_RUN, compose_cfg, run_composed
 
 TINY = TINY_DEMO + ["model=mindalle_tiny"]
 RUN = TINY_DEMO + [o for o in TINY_RUN if not o.startswith("model=")] + ["model=mindalle_tiny"]
@@ -249,12 +249,8 @@ def test_autocast_sampling_runs(tiny):
 # --------------------------------------------------------------------------------------------- tasks
 
 
-def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run"):
-    cfg = compose_cfg(RUN + list(overrides), tmp_path / name, data_dir=data_dir)
-    run_task(cfg)
-    out = Path(cfg.paths.output_dir)
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
-    return metrics, out
+def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    return run_composed(RUN + list(overrides), tmp_path / name, data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +299,21 @@ def test_visualization_task_trains_and_samples(shared_data_dir, tmp_path):
     metrics, out = run(tmp_path, shared_data_dir, "data.task=visualization", "model.sampler.chain=true",
                        "trainer.limit_train_batches=2", "trainer.max_steps=-1")
     assert "test/frame_acc" in metrics and "val/loss" in metrics
+
+
+def test_stage1_is_fitted_on_first_use_cached_and_saved_with_the_model(shared_data_dir, tmp_path):
+    from storyexp.models.vqgan import VQGAN, VQGANConfig
+
+    cache = tmp_path / "stage1.ckpt"
+    fit = f"model.network.stage1_fit={{cache:{cache},image_size:16,steps:3,batch_size:8,lr:2e-3,seed:0}}"
+    _, out = run(tmp_path, shared_data_dir, fit, "trainer.max_steps=1", "eval=loss_only")
+    assert cache.is_file()
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    cached = torch.load(cache, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in cached.items():  # stage 1 is frozen: the trained model carries the fitted weights
+        assert torch.equal(ckpt["state_dict"][f"stage1.{key}"], value), key
+    stamp = cache.stat().st_mtime_ns
+    run(tmp_path, shared_data_dir, fit, "trainer.max_steps=1", "eval=loss_only", name="again")
+    assert cache.stat().st_mtime_ns == stamp  # reused, not refitted
+    config = VQGANConfig.from_dict(ckpt["hyper_parameters"]["network"]["stage1"])
+    assert VQGAN.from_ckpt(cache, config).config == config

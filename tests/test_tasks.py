@@ -13,20 +13,15 @@ import pytest
 import torch
 
 from storyexp.errors import ConfigurationError, MissingResourceError
-from storyexp.tasks import run_task
 
-from .conftest import REPO, TINY_DEMO, TINY_RUN, compose_cfg
+from .conftest import REPO, TINY_DEMO, TINY_RUN, run_composed
 
 METRIC_KEYS = ("test/loss", "test/fid_demo", "test/char_f1", "test/frame_acc", "baseline/char_f1",
                "baseline/frame_acc")
 
 
 def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
-    cfg = compose_cfg(TINY_DEMO + TINY_RUN + list(overrides), tmp_path / name, data_dir=data_dir)
-    run_task(cfg)
-    out = Path(cfg.paths.output_dir)
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
-    return metrics, out
+    return run_composed(TINY_DEMO + TINY_RUN + list(overrides), tmp_path / name, data_dir)
 
 
 @pytest.fixture(scope="module")
