@@ -317,3 +317,32 @@ def test_stage1_is_fitted_on_first_use_cached_and_saved_with_the_model(shared_da
     assert cache.stat().st_mtime_ns == stamp  # reused, not refitted
     config = VQGANConfig.from_dict(ckpt["hyper_parameters"]["network"]["stage1"])
     assert VQGAN.from_ckpt(cache, config).config == config
+
+
+def test_released_checkpoint_layout_initialises_the_system(tmp_path):
+    """A `{epoch}.pth` in the released layout (stage1.*, stage2.* with the grown text rows, story_*; no
+    cross-attention keys) written from one model initialises another built with init_from_storydalle."""
+    _, source = build(tmp_path, "model.network.seed=1")
+    state = {f"stage1.{k}": v for k, v in source.stage1.state_dict().items()}
+    state.update({k: v for k, v in source.net.state_dict().items() if not k.startswith("cross_attn.")})
+    path = tmp_path / "12.pth"
+    torch.save({"epoch": 12, "model_state_dict": state, "optimizer_state_dict": {}}, path)
+
+    _, model = build(tmp_path, f"model.network.init_from_storydalle={path}")
+    for key, value in source.net.state_dict().items():
+        if not key.startswith("cross_attn."):
+            assert torch.equal(model.net.state_dict()[key], value), key
+    for key, value in source.stage1.state_dict().items():
+        assert torch.equal(model.stage1.state_dict()[key], value), key
+    assert all(float(layer.gate) == 0.0 for layer in model.net.cross_attn)  # absent in the file: inert
+
+    with pytest.raises(Exception, match="init_from_storydalle"):
+        build(tmp_path, f"model.network.init_from_storydalle={tmp_path / 'missing.pth'}")
+
+
+def test_story_switches_compose(tmp_path):
+    _, ungated = build(tmp_path, "model.story.gate_init=none", "model.story.cross_every=1")
+    assert len(ungated.net.cross_attn) == ungated.net.cfg.n_layers
+    assert all(layer.gate is None for layer in ungated.net.cross_attn)
+    _, plain = build(tmp_path, "model.story.condition=false")
+    assert len(plain.net.cross_attn) == 0
