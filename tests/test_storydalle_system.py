@@ -162,7 +162,7 @@ def test_original_unmasked_text_loss_switch(tmp_path, shared_data_dir):
     cfg, masked = build(tmp_path, data_dir=shared_data_dir)
     _, unmasked = build(tmp_path, "model.train.mask_text_padding=false", data_dir=shared_data_dir)
     batch = demo_batch(cfg)
-    a, b = masked._losses(batch), unmasked._losses(batch)
+    a, b = masked.losses(batch), unmasked.losses(batch)
     assert torch.allclose(a["loss_img"], b["loss_img"])  # same weights (same seed), only the text loss differs
     assert not torch.allclose(a["loss_txt"], b["loss_txt"])
 

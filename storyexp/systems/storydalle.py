@@ -17,32 +17,26 @@ loss; deterministic validation (no sampling noise in the loss).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from typing import Any
 
-import lightning as L
 import torch
 
-from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError
 from storyexp.models.mindalle.tokenizer import pad_id, tokenizer_from_json, tokenizer_to_json, vocab_size
 from storyexp.models.sentence_encoders import build_sentence_encoder
-from storyexp.systems.arldm import resize_uint8
-from storyexp.systems.schedules import configure_adamw
+from storyexp.systems.story_tokens import TOKENIZER_KEY, StoryTokenSystem
 from storyexp.systems.storydalle_builder import build_storydalle
 
 log = logging.getLogger(__name__)
 
-TASKS = ("continuation", "visualization")
 MODES = ("finetune", "prompt")
 SENTENCE_SOURCES = ("dataset", "hashing", "transformers")
-AUTOCAST = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOKENIZER_KEY = "storydalle_tokenizer"
+__all__ = ["StoryDalleSystem", "TOKENIZER_KEY"]
 
 
-class StoryDalleSystem(L.LightningModule):
+class StoryDalleSystem(StoryTokenSystem):
     """StoryDALL-E (Maharana et al., ECCV 2022) on minDALL-E, for story continuation and visualization.
 
     Args (plain config values, saved as hyper-parameters so a checkpoint rebuilds its model):
@@ -63,6 +57,8 @@ class StoryDalleSystem(L.LightningModule):
         recipe: run length and clipping read by the trainer config.
     """
 
+    frozen_hint = "check model.train.mode"
+
     def __init__(
         self,
         task: str,
@@ -79,19 +75,11 @@ class StoryDalleSystem(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ConfigurationError(f"Unknown task '{task}' for StoryDALL-E; expected one of {TASKS}.")
+        self._init_story(task, image_size, sampler)
         mode = str(train.get("mode", "finetune"))
         if mode not in MODES:
             raise ConfigurationError(f"model.train.mode must be one of {MODES}, got {mode!r}.")
-        if sampler.get("autocast") not in AUTOCAST:
-            raise ConfigurationError(f"model.sampler.autocast must be one of {list(AUTOCAST)}, got "
-                                     f"{sampler.get('autocast')!r}.")
         self.save_hyperparameters()
-        self.task = task
-        self.image_size = int(image_size)
-        self.num_frames = N_FRAMES
-        self.num_targets = N_FRAMES - 1 if task == "continuation" else N_FRAMES
 
         enc_cfg = dict(sentence_encoder)
         self.sentence_source = str(enc_cfg.pop("kind", "dataset"))
@@ -121,39 +109,6 @@ class StoryDalleSystem(L.LightningModule):
         if mode == "prompt":
             for name, param in self.net.stage2.named_parameters():
                 param.requires_grad_("emb" in name or name.startswith("head_txt"))
-
-    def on_train_epoch_start(self) -> None:
-        self.stage1.eval()
-
-    # ------------------------------------------------------------------------------------ stage 1 on demand
-
-    def prepare_data(self) -> None:
-        """Fit stage 1 on the training split when `network.stage1_fit` asks for it (rank 0, cached on disk)."""
-        fit = self._stage1_fit()
-        if fit is None or self.trainer is None or self.trainer.state.fn != "fit":
-            return
-        from storyexp.systems.vqgan_training import load_or_fit_vqgan
-
-        datamodule = self.trainer.datamodule
-        load_or_fit_vqgan(fit["cache"], self.stage1.config, lambda: _split_frames(datamodule, "train"),
-                          **{k: v for k, v in fit.items() if k != "cache"})
-
-    def setup(self, stage: str) -> None:
-        fit = self._stage1_fit()
-        if fit is None or stage != "fit":
-            return  # eval/test/predict restore stage 1 from the checkpoint with everything else
-        from storyexp.models.vqgan import VQGAN
-
-        fitted = VQGAN.from_ckpt(fit["cache"], self.stage1.config)
-        self.stage1.load_state_dict(fitted.state_dict())
-        self.stage1.eval()
-
-    def _stage1_fit(self) -> dict[str, Any] | None:
-        network = self.hparams.network
-        fit = network.get("stage1_fit")
-        if not fit or network.get("source") != "sizes" or network.get("stage1_checkpoint"):
-            return None
-        return dict(fit)
 
     # ------------------------------------------------------------------------------------ batch preparation
 
@@ -190,23 +145,12 @@ class StoryDalleSystem(L.LightningModule):
         flat = [c for story in captions for c in story[first:]]
         return encoder.encode(flat).to(self.device, torch.float32).view(B, L, -1)
 
-    @torch.no_grad()
-    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, F, H, W, 3] -> stage-1 codes [B, F, T] (frames resized, mapped to [-1, 1])."""
-        B, F = frames.shape[:2]
-        images = resize_uint8(frames.reshape(-1, *frames.shape[2:]), self.image_size).to(self.device)
-        images = images.float().div(127.5).sub(1.0)
-        return self.stage1.get_codes(images).view(B, F, -1)
-
     def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
         frames: torch.Tensor = batch["frames"]
         captions = captions if captions is not None else batch["captions"]
-        if frames.dim() != 5 or frames.shape[1] != self.num_frames or frames.dtype != torch.uint8:
-            raise ValueError(
-                f"expected frames uint8 [B, {self.num_frames}, H, W, 3], got {tuple(frames.shape)} {frames.dtype}"
-            )
+        self.check_frames(frames)
         B = frames.shape[0]
-        first = self.num_frames - self.num_targets
+        first = self.first_target
         codes = self.encode_frames(frames)
         texts = self.tokenize([c for story in captions for c in story[first:]]).view(B, self.num_targets, -1)
         source_rows = None
@@ -222,108 +166,46 @@ class StoryDalleSystem(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- steps
 
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = self.prepare_batch(batch)
         return self.net.loss(**inputs, pad_id=self.pad_id,
                              mask_text_padding=bool(self.hparams.train.get("mask_text_padding", True)))
 
-    def _log_losses(self, stage: str, out: dict[str, torch.Tensor], batch_size: int) -> None:
-        for key, value in out.items():  # loss, loss_img, loss_txt
-            self.log(f"{stage}/{key}", value, prog_bar=key == "loss", sync_dist=stage != "train",
-                     batch_size=batch_size)
-
-    def training_step(self, batch, batch_idx):
-        out = self._losses(batch)
-        self._log_losses("train", out, len(batch["ids"]))
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        out = self._losses(batch)
-        self._log_losses("val", out, len(batch["ids"]))
-        return out["loss"]
-
-    def test_step(self, batch, batch_idx):
-        out = self._losses(batch)
-        self._log_losses("test", out, len(batch["ids"]))
-        return out["loss"]
-
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        k = int(self.hparams.sampler.get("num_candidates", 1))
-        candidates = self.generate_candidates(batch, num_candidates=k)
-        out = {"ids": batch["ids"], "captions": batch["captions"], "generated": candidates[:, 0]}
-        if k > 1:
-            out["candidates"] = candidates
-        return out
-
     # -------------------------------------------------------------------------------------------- sampling
 
-    @torch.no_grad()
-    def generate(self, batch: dict[str, Any], captions: list[list[str]] | None = None, seed: int | None = None,
-                 **sampler_overrides) -> torch.Tensor:
-        """Sample whole stories: uint8 [B, V, H, W, 3] (V = generated frames), one candidate per story."""
-        return self.generate_candidates(batch, captions=captions, seed=seed, num_candidates=1,
-                                        **sampler_overrides)[:, 0]
-
-    @torch.no_grad()
-    def generate_candidates(self, batch: dict[str, Any], captions: list[list[str]] | None = None,
-                            seed: int | None = None, num_candidates: int = 1, **sampler_overrides) -> torch.Tensor:
-        """uint8 [B, K, V, H, W, 3]: K independent stories per input story (no re-ranking).
-
-        Codes come from a generator seeded by (seed, first story index), so a story's samples do not depend on how
-        the test set was split across processes.
-        """
-        settings = {**self.hparams.sampler, **sampler_overrides}
+    def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
+                     generator: torch.Generator) -> torch.Tensor:
+        """[B*K, V, T] codes: each story repeated K times (candidates), then `StoryDalleNet.sample`."""
         inputs = self.prepare_batch(batch, captions=captions)
-        K = int(num_candidates)
-        if K < 1:
-            raise ConfigurationError(f"num_candidates must be >= 1, got {K}")
-        B = inputs["texts"].shape[0]
-        texts = inputs["texts"].repeat_interleave(K, dim=0)
-        sent = inputs["sentence_embeds"].repeat_interleave(K, dim=0)
+        K = num_candidates
         source = inputs["source_codes"].repeat_interleave(K, dim=0) if self.task == "continuation" else None
-        base = int(self.hparams.seed if seed is None else seed)
-        generator = torch.Generator(device=self.device).manual_seed(base * 100_003 + int(batch["index"][0]))
-        top_k = settings.get("top_k")
-        was_training = self.training
-        self.eval()
-        try:
-            with self._autocast(settings.get("autocast")):
-                codes = self.net.sample(
-                    texts, sent, source,
-                    top_k=None if top_k is None else int(top_k),
-                    top_p=None if settings.get("top_p") is None else float(settings["top_p"]),
-                    temperature=float(settings.get("temperature", 1.0)),
-                    generator=generator,
-                    chain=bool(settings.get("chain", False)),
-                )
-            pixels = self.decode_codes(codes.reshape(-1, codes.shape[-1]))
-        finally:
-            self.train(was_training)
-        return pixels.view(B, K, self.num_targets, *pixels.shape[1:])
+        top_k, top_p = settings.get("top_k"), settings.get("top_p")
+        return self.net.sample(
+            inputs["texts"].repeat_interleave(K, dim=0),
+            inputs["sentence_embeds"].repeat_interleave(K, dim=0),
+            source,
+            top_k=None if top_k is None else int(top_k),
+            top_p=None if top_p is None else float(top_p),
+            temperature=float(settings.get("temperature", 1.0)),
+            generator=generator,
+            chain=bool(settings.get("chain", False)),
+        )
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """[N, T] codes -> uint8 [N, H, W, 3] (minDALL-E's clamp(0.5 x + 0.5, 0, 1), in fp32)."""
         side = self.stage1.config.latent_dim
         x = self.stage1.decode_code(codes.view(-1, side, side)).float()
-        x = torch.clamp(x * 0.5 + 0.5, 0, 1)
-        return x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-    def _autocast(self, name: str | None):
-        if AUTOCAST.get(name) is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST[name])
+        return self.to_uint8(torch.clamp(x * 0.5 + 0.5, 0, 1))
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the grown tokenizer (character tokens included) travels with the weights
-        checkpoint[TOKENIZER_KEY] = tokenizer_to_json(self.tokenizer)
+    def tokenizer_state(self) -> str:
+        return tokenizer_to_json(self.tokenizer)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if TOKENIZER_KEY in checkpoint:
-            self.tokenizer = tokenizer_from_json(checkpoint[TOKENIZER_KEY])
-        rows = checkpoint.get("state_dict", {}).get("net.stage2.tok_emb_txt.weight")
+    def load_tokenizer_state(self, state: str, state_dict: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer_from_json(state)
+        rows = state_dict.get("net.stage2.tok_emb_txt.weight")
         if rows is not None and rows.shape[0] != self.net.cfg.vocab_size_txt:
             self.net._set_text_vocab(int(rows.shape[0]))
         if vocab_size(self.tokenizer) > self.net.cfg.vocab_size_txt:
@@ -331,18 +213,3 @@ class StoryDalleSystem(L.LightningModule):
                 f"checkpoint tokenizer emits {vocab_size(self.tokenizer)} ids but the model has "
                 f"{self.net.cfg.vocab_size_txt} text embedding rows"
             )
-
-    # ------------------------------------------------------------------------------------ optimizers
-
-    def configure_optimizers(self):
-        return configure_adamw(self, self.hparams.optimizer, self.hparams.lr_schedule,
-                               defaults={"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.99)},
-                               frozen_hint="check model.train.mode")
-
-
-def _split_frames(datamodule, split: str):
-    """Every frame of a split as uint8 [N, H, W, 3] (stage 1 is fitted on single frames)."""
-    import numpy as np
-
-    frames = [f for story in datamodule.stories(split) for f in story.frames]
-    return np.stack(frames)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from storyexp.models.story_frames import sample_story_frames
+
 from .sampling import next_code_probs
 from .transformer import AttentionProjections, Block, KVCache, Stage2Config, Transformer1d
 
@@ -313,13 +315,10 @@ class StoryDalleNet(nn.Module):
     ) -> Tensor:
         """Sample a story's frames; texts [B, L, N], sentence_embeds [B, L, E], source_codes [B, S] -> [B, L, T].
 
-        - Continuation (`source_codes` given): every frame attends to the source frame, all L frames drawn in
-          parallel as the original does (one `torch.multinomial` over the [B*L, V] step distribution per code, so
-          seeded codes match it).
-        - Visualization (`source_codes=None`): frame 0 is drawn from its text alone (no cross-attention), then used
-          as the source of the others.
-        - `chain=True`: frame i attends to the generated frame i-1 instead (frame 0 to the source, if any); frames
-          are then drawn one after another.
+        Frame order (`storyexp.models.story_frames`): with `source_codes` all L frames attend to it and are drawn
+        in parallel as the original does (one `torch.multinomial` over the [B*L, V] step distribution per code,
+        so seeded codes match it); `source_codes=None` (visualization) draws frame 0 from its text alone and uses
+        it as the source of the others; `chain=True` makes frame i attend to the generated frame i-1.
 
         The story block is causal over frames, so a frame's story token is the same whether the frames are drawn
         together or one by one. use_cache=False recomputes the full sequence each step (reference loop); both
@@ -339,17 +338,7 @@ class StoryDalleNet(nn.Module):
             )
             return rows.view(B, n, -1)
 
-        out, first = [], 0
-        if source_codes is None:
-            out.append(draw([0], None))
-            source_codes, first = out[0][:, 0], 1
-        if chain:
-            for i in range(first, L):
-                out.append(draw([i], source_codes))
-                source_codes = out[-1][:, 0]
-        elif first < L:
-            out.append(draw(list(range(first, L)), source_codes))
-        return torch.cat(out, dim=1)
+        return sample_story_frames(draw, L, source_codes, chain)
 
     def _sample_sequences(
         self,
