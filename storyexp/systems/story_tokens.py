@@ -38,6 +38,7 @@ class StoryTokenSystem(L.LightningModule):
 
     optimizer_defaults: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.99)}
     frozen_hint = "check model.train"
+    frames_zero_one = False  # stage-1 input range: [-1, 1] (taming's); True feeds [0, 1]
 
     def _init_story(self, task: str, image_size: int, sampler: dict[str, Any]) -> None:
         if task not in TASKS:
@@ -89,10 +90,10 @@ class StoryTokenSystem(L.LightningModule):
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, F, H, W, 3] -> stage-1 codes [B, F, T] (frames resized, mapped to [-1, 1])."""
+        """uint8 [B, F, H, W, 3] -> stage-1 codes [B, F, T] (frames resized, mapped to [-1, 1] or [0, 1])."""
         B, F = frames.shape[:2]
         images = resize_uint8(frames.reshape(-1, *frames.shape[2:]), self.image_size).to(self.device)
-        images = images.float().div(127.5).sub(1.0)
+        images = images.float().div(255.0) if self.frames_zero_one else images.float().div(127.5).sub(1.0)
         return self.stage1.get_codes(images).view(B, F, -1)
 
     def check_frames(self, frames: torch.Tensor) -> None:

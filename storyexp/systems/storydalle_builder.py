@@ -106,14 +106,18 @@ def _pretrained(network: dict[str, Any]):
     return stage1, cfg["stage2"], tokenizer, folder / CHECKPOINTS[1]
 
 
-def _from_sizes(network: dict[str, Any], seed: int):
+def stage1_from_sizes(network: dict[str, Any], seed: int) -> VQGAN:
+    """Stage 1 of a `source: sizes` model: `network.stage1` sizes, loaded from `stage1_checkpoint` when given, else
+    random (seeded) until `stage1_fit` replaces it (see `StoryTokenSystem.prepare_data`)."""
     stage1_cfg = VQGANConfig.from_dict(dict(network["stage1"]))
     torch.manual_seed(seed)
     checkpoint = network.get("stage1_checkpoint")
-    if checkpoint:
-        stage1 = VQGAN.from_ckpt(checkpoint, stage1_cfg)
-    else:
-        stage1 = VQGAN(stage1_cfg)
+    return VQGAN.from_ckpt(checkpoint, stage1_cfg) if checkpoint else VQGAN(stage1_cfg)
+
+
+def _from_sizes(network: dict[str, Any], seed: int):
+    stage1 = stage1_from_sizes(network, seed)
+    stage1_cfg = stage1.config
     stage2 = dict(network["stage2"])
     tokenizer = word_tokenizer(list(network.get("words") or []), int(stage2["ctx_len_txt"]))
     stage2_cfg = Stage2Config.from_dict(

@@ -12,10 +12,14 @@ from torch import nn
 
 from .config import NUM_GROUPS
 
+# taming's Normalize uses eps 1e-6 (not torch's default 1e-5; it changes outputs measurably). min-dalle's VQGAN
+# detokenizer (DALL-E Mega) is the same decoder with torch's default 1e-5, hence the `eps` parameters below.
+TAMING_GN_EPS = 1e-6
 
-def normalize(channels: int) -> nn.GroupNorm:
-    # taming's Normalize: 32 groups and eps 1e-6 (not torch's default 1e-5; it changes outputs measurably).
-    return nn.GroupNorm(NUM_GROUPS, channels, eps=1e-6, affine=True)
+
+def normalize(channels: int, eps: float = TAMING_GN_EPS) -> nn.GroupNorm:
+    # 32 groups, affine; `eps` defaults to taming's 1e-6.
+    return nn.GroupNorm(NUM_GROUPS, channels, eps=eps, affine=True)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -27,12 +31,12 @@ class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GN, swish, conv3x3) twice, plus a 1x1 ``nin_shortcut`` when the channel
     count changes. taming's time-embedding branch is never used by the VQGAN (temb_ch=0), so it is absent."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, eps: float = TAMING_GN_EPS):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = normalize(in_channels)
+        self.norm1 = normalize(in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = normalize(out_channels)
+        self.norm2 = normalize(out_channels, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -49,9 +53,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention over all h*w positions, with 1x1 convs for q/k/v/proj_out."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, eps: float = TAMING_GN_EPS):
         super().__init__()
-        self.norm = normalize(channels)
+        self.norm = normalize(channels, eps)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -94,11 +98,11 @@ class Upsample(nn.Module):
 class _Mid(nn.Module):
     """The bottleneck: res block, attention, res block (keys ``mid.block_1``, ``mid.attn_1``, ``mid.block_2``)."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, eps: float = TAMING_GN_EPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, eps)
+        self.attn_1 = AttnBlock(channels, eps)
+        self.block_2 = ResnetBlock(channels, channels, dropout, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -108,12 +112,13 @@ class _Level(nn.Module):
     """One resolution level: ``block.<j>`` res blocks, each followed by ``attn.<j>`` when this level's
     resolution is in attn_resolutions, then an optional ``downsample``/``upsample``."""
 
-    def __init__(self, blocks: list[ResnetBlock], with_attn: bool, resample: nn.Module | None, resample_name: str):
+    def __init__(self, blocks: list[ResnetBlock], with_attn: bool, resample: nn.Module | None, resample_name: str,
+                 eps: float = TAMING_GN_EPS):  # fmt: skip
         super().__init__()
         self.block = nn.ModuleList(blocks)
         # An empty ModuleList adds no state_dict keys, matching taming where levels without attention
         # still own an (empty) `attn` list.
-        self.attn = nn.ModuleList([AttnBlock(b.out_channels) for b in blocks] if with_attn else [])
+        self.attn = nn.ModuleList([AttnBlock(b.out_channels, eps) for b in blocks] if with_attn else [])
         self.resample_name = resample_name
         if resample is not None:
             setattr(self, resample_name, resample)
@@ -131,7 +136,7 @@ class Encoder(nn.Module):
     """Image [B, in_channels, R, R] -> latent [B, z_channels (x2 if double_z), R/2^(L-1), R/2^(L-1)]."""
 
     def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_channels, z_channels,
-                 double_z=False, pdrop=0.0, out_ch=None):  # fmt: skip
+                 double_z=False, pdrop=0.0, out_ch=None, eps: float = TAMING_GN_EPS):  # fmt: skip
         super().__init__()
         del out_ch  # shared hparams block; only the decoder uses it
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -139,16 +144,16 @@ class Encoder(nn.Module):
         in_mult = (1, *ch_mult)  # level i goes from ch*in_mult[i] to ch*ch_mult[i] channels
         for i, mult in enumerate(ch_mult):
             c_in, c_out = ch * in_mult[i], ch * mult
-            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, pdrop) for j in range(num_res_blocks)]
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, pdrop, eps) for j in range(num_res_blocks)]
             last = i == len(ch_mult) - 1
             down = None if last else Downsample(c_out)
-            levels.append(_Level(blocks, res in attn_resolutions, down, "downsample"))
+            levels.append(_Level(blocks, res in attn_resolutions, down, "downsample", eps))
             if not last:
                 res //= 2
         self.down = nn.ModuleList(levels)
         c = ch * ch_mult[-1]
-        self.mid = _Mid(c, pdrop)
-        self.norm_out = normalize(c)
+        self.mid = _Mid(c, pdrop, eps)
+        self.norm_out = normalize(c, eps)
         self.conv_out = nn.Conv2d(c, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,29 +169,31 @@ class Decoder(nn.Module):
 
     Each level has num_res_blocks + 1 res blocks. ``up.<i>`` is indexed in *ascending resolution* order
     (up.0 is the full-resolution level, as in the checkpoints), but run from the last index to the first.
+    `eps` is the GroupNorm epsilon: taming's 1e-6 by default, torch's 1e-5 for min-dalle's detokenizer.
     """
 
     def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, out_ch, z_channels,
-                 pdrop=0.0, in_channels=None, double_z=None):  # fmt: skip
+                 pdrop=0.0, in_channels=None, double_z=None, eps: float = TAMING_GN_EPS):  # fmt: skip
         super().__init__()
         del in_channels, double_z  # shared hparams block; encoder-only
         n = len(ch_mult)
         c = ch * ch_mult[-1]
         res = resolution // 2 ** (n - 1)
         self.conv_in = nn.Conv2d(z_channels, c, 3, padding=1)
-        self.mid = _Mid(c, pdrop)
+        self.mid = _Mid(c, pdrop, eps)
         levels: list[_Level] = [None] * n  # type: ignore[list-item]
         for i in reversed(range(n)):  # build in execution order, store at index i
             c_out = ch * ch_mult[i]
             blocks = []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(c, c_out, pdrop))
+                blocks.append(ResnetBlock(c, c_out, pdrop, eps))
                 c = c_out
-            levels[i] = _Level(blocks, res in attn_resolutions, Upsample(c) if i != 0 else None, "upsample")
+            up = Upsample(c) if i != 0 else None
+            levels[i] = _Level(blocks, res in attn_resolutions, up, "upsample", eps)
             if i != 0:
                 res *= 2
         self.up = nn.ModuleList(levels)
-        self.norm_out = normalize(c)
+        self.norm_out = normalize(c, eps)
         self.conv_out = nn.Conv2d(c, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

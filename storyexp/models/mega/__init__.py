@@ -1,0 +1,39 @@
+"""DALL-E Mega / Mini as ported by min-dalle 0.4.11 (the backbone of StoryDALL-E's Mega variant): `MegaDalle`
+(folder loader + public API), its tokenizer, BART encoder/decoder (with StoryDALL-E's condition attention, wired
+to the condition state), the VQGAN detokenizer and the superconditioned top-k sampler."""
+
+from .config import MegaConfig
+from .decoder import DalleBartDecoder, DecoderCache, condition_layer_flags
+from .detokenizer import DetokenizerConfig, VQGanDetokenizer
+from .encoder import DalleBartEncoder
+from .layers import GLU, DecoderLayer, EncoderLayer, MegaAttention
+from .loading import MegaCheckpointError, load_checked, resolve_files
+from .model import MegaDalle, is_condition_key, unconditional_ids
+from .sampling import START_TOKEN, sample_image_tokens, step_weights, supercondition, topk_weights
+from .tokenizer import MegaTokenizer
+
+__all__ = [
+    "GLU",
+    "START_TOKEN",
+    "DalleBartDecoder",
+    "DalleBartEncoder",
+    "DecoderCache",
+    "DecoderLayer",
+    "DetokenizerConfig",
+    "EncoderLayer",
+    "MegaAttention",
+    "MegaCheckpointError",
+    "MegaConfig",
+    "MegaDalle",
+    "MegaTokenizer",
+    "VQGanDetokenizer",
+    "condition_layer_flags",
+    "is_condition_key",
+    "load_checked",
+    "resolve_files",
+    "sample_image_tokens",
+    "step_weights",
+    "supercondition",
+    "topk_weights",
+    "unconditional_ids",
+]

@@ -1,0 +1,61 @@
+"""Sizes of a DALL-E Mega / Mini encoder-decoder pair, read from the tensors of `encoder.pt` and `decoder.pt`.
+
+min-dalle hard-codes two size sets (Mega: 24+24 layers, d_model 2048, GLU 4096, 50272 text rows, image vocab
+16415; Mini: 12 / 1024 / 2730 / 50264 / 16384). Reading them from the files instead makes any converted set
+load, tiny test sets included. The only size the files cannot tell is the head count: min-dalle's models use
+head dim 64, so it defaults to d_model / 64 (Mega 32, Mini 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from torch import Tensor
+
+from storyexp.errors import ConfigurationError
+
+from .loading import MegaCheckpointError, layer_count
+
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class MegaConfig:
+    encoder_layers: int
+    decoder_layers: int
+    embed_count: int  # d_model
+    glu_embed_count: int
+    attention_head_count: int
+    text_vocab_count: int  # rows of the text embedding (may exceed the tokenizer's vocabulary; see KM issue #93)
+    text_token_count: int  # 64
+    image_vocab_count: int  # decoder embed_tokens / lm_head have image_vocab_count + 1 rows
+    image_token_count: int  # 256
+
+    @classmethod
+    def from_state_dicts(cls, encoder: Mapping[str, Tensor], decoder: Mapping[str, Tensor],
+                         attention_heads: int | None = None) -> "MegaConfig":  # fmt: skip
+        try:
+            text_rows, dim = encoder["embed_tokens.weight"].shape
+            image_rows, dec_dim = decoder["embed_tokens.weight"].shape
+            cfg = cls(
+                encoder_layers=layer_count(encoder),
+                decoder_layers=layer_count(decoder),
+                embed_count=int(dim),
+                glu_embed_count=int(encoder["layers.0.glu.fc0.weight"].shape[0]),
+                attention_head_count=int(attention_heads or dim // HEAD_DIM),
+                text_vocab_count=int(text_rows),
+                text_token_count=int(encoder["embed_positions.weight"].shape[0]),
+                image_vocab_count=int(image_rows) - 1,
+                image_token_count=int(decoder["embed_positions.weight"].shape[0]),
+            )
+        except KeyError as err:
+            raise MegaCheckpointError(f"cannot read the model sizes: key {err} is missing") from None
+        if dec_dim != dim:
+            raise MegaCheckpointError(f"encoder width {dim} != decoder width {dec_dim}")
+        if cfg.attention_head_count < 1 or dim % cfg.attention_head_count:
+            raise ConfigurationError(f"{cfg.attention_head_count} attention heads do not divide d_model {dim}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,102 @@
+"""min-dalle's image-token sampler (`generate_raw_image_stream` + `DalleBartDecoder.sample_tokens`).
+
+Per step, on the logits of the newest position restricted to the first 2^14 columns (the VQGAN codebook; the
+lm_head has image_vocab+1 rows, the rest are never sampled):
+
+1. superconditioning: `l = uncond * (1 - f) + cond * f` (the unconditional rows come first in the batch);
+2. top-k: keep the columns with `l >= k-th largest l` (ties with the k-th value are kept);
+3. weights `exp((l - max l) / temperature)` on the kept columns, 0 elsewhere;
+4. one `torch.multinomial(weights, 1)` per step for the whole batch.
+
+Keeping exactly this order, the float32 settings tensor and one RNG call per step is what lets a run seeded like
+the original (`torch.manual_seed(seed)`) draw the same tokens. The first input token is 2^14 - 1 = 16383
+(min-dalle >= 0.4.11 and StoryDALL-E; the upstream config's `decoder_start_token_id` is 16384).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .decoder import DalleBartDecoder
+
+START_TOKEN = 2**14 - 1
+SAMPLED_VOCAB = 2**14
+
+StepHook = Callable[[int, Tensor, Tensor], None]  # (step, logits [2B, V], weights [B, SAMPLED_VOCAB])
+
+
+def supercondition(logits: Tensor, factor: float | Tensor) -> Tensor:
+    """[2B, V] logits (B unconditional rows, then B conditional rows) -> uncond * (1 - f) + cond * f, [B, V]."""
+    factor = torch.as_tensor(factor, dtype=torch.float32, device=logits.device)
+    half = logits.shape[0] // 2
+    return logits[:half] * (1 - factor) + logits[half:] * factor
+
+
+def topk_weights(logits: Tensor, top_k: int, temperature: float | Tensor = 1.0) -> Tensor:
+    """Unnormalised multinomial weights: exp((l - max l) / temperature) where l >= the top_k-th largest, else 0."""
+    temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    ordered = logits.sort(dim=-1, descending=True).values
+    kept = logits >= ordered[:, top_k - 1 : top_k]
+    return ((logits - ordered[:, :1]) / temperature).exp() * kept.to(torch.float32)
+
+
+def step_weights(logits: Tensor, *, top_k: int, temperature: float, supercondition_factor: float,
+                 sampled_vocab: int = SAMPLED_VOCAB) -> Tensor:
+    """The weights one sampling step draws from, given the step's full logits [2B, V] (uncond rows first);
+    only the first `sampled_vocab` columns (the codebook) can be drawn."""
+    mixed = supercondition(logits[:, :sampled_vocab].float(), supercondition_factor)
+    return topk_weights(mixed, top_k, temperature)
+
+
+@torch.no_grad()
+def sample_image_tokens(
+    decoder: DalleBartDecoder,
+    encoder_state: Tensor,
+    encoder_mask: Tensor,
+    *,
+    top_k: int = 256,
+    temperature: float = 1.0,
+    supercondition_factor: float = 16.0,
+    generator: torch.Generator | None = None,
+    num_tokens: int | None = None,
+    start_token: int = START_TOKEN,
+    sampled_vocab: int = SAMPLED_VOCAB,
+    teacher_tokens: Tensor | None = None,
+    condition_state: Tensor | None = None,
+    condition_mask: Tensor | None = None,
+    on_step: StepHook | None = None,
+) -> Tensor:
+    """Sample [B, num_tokens] image tokens (default: all decoder positions), one cached decoder step each.
+
+    encoder_state [2B, S, D] / encoder_mask [2B, S]: the unconditional text rows first, then the conditional rows.
+    condition_state [2B, S', D] / condition_mask [2B, S'] (optional) feed the condition layers.
+    start_token / sampled_vocab: the first decoder input and how many codebook columns can be drawn (min-dalle:
+    16383 / 2^14; a model with another codebook, e.g. the demo's, passes its own).
+    generator: for `torch.multinomial`; None draws from torch's global generator (as the original does).
+    teacher_tokens [B, >= num_tokens]: feed these instead of drawing (no RNG is consumed), to replay a run.
+    on_step(step, logits, weights) is called after every step (e.g. to record what the sampler saw).
+    """
+    rows = encoder_state.shape[0]
+    if rows % 2:
+        raise ValueError(f"encoder_state has {rows} rows; expected unconditional + conditional halves")
+    batch = rows // 2
+    steps = num_tokens or decoder.image_token_count
+    cache = decoder.new_cache(rows, device=encoder_state.device)
+    prev = torch.full((batch, 1), start_token, dtype=torch.long, device=encoder_state.device)
+    tokens = []
+    for step in range(steps):
+        logits = decoder.step(prev.repeat(2, 1), encoder_state, encoder_mask, cache,
+                              condition_state=condition_state, condition_mask=condition_mask)[:, -1]  # fmt: skip
+        weights = step_weights(logits, top_k=top_k, temperature=temperature,
+                               supercondition_factor=supercondition_factor, sampled_vocab=sampled_vocab)  # fmt: skip
+        if on_step is not None:
+            on_step(step, logits, weights)
+        if teacher_tokens is not None:
+            prev = teacher_tokens[:, step : step + 1].to(encoder_state.device)
+        else:
+            prev = torch.multinomial(weights, 1, generator=generator)
+        tokens.append(prev)
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,166 @@
+"""StoryDALL-E on the DALL-E Mega backbone (min-dalle port) as a LightningModule.
+
+The story logic (tasks, stage 1, steps, seeded generation, candidates, checkpointed tokenizer, optimizer) is the
+minDALL-E variant's (`StoryTokenSystem`); what differs is the backbone: a BART encoder over the caption, a decoder
+over image tokens whose condition attention (layers 2, 5, ...) reads the source frame's tokens, image CE only,
+and min-dalle's sampler with optional superconditioning.
+
+Fixes to the original (storydalle.md §0.3, §2.3, §8): the condition layers attend to the source frame's tokens
+(the original wired them to the text encoder, so the source frame was never used), behind a zero-initialised gate;
+character tokens are whole words and the embedding is resized once; superconditioning is available (the original
+disabled it; `train.text_dropout` teaches a finetuned model the empty caption it needs); visualization and
+frame-by-frame chaining; a real warm-up + decay, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from storyexp.errors import ConfigurationError
+from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_json, tokenizer_to_json
+from storyexp.systems.story_tokens import StoryTokenSystem
+from storyexp.systems.storymega_builder import build_storymega
+
+MODES = ("finetune", "condition_only")
+
+
+class StoryMegaSystem(StoryTokenSystem):
+    """StoryDALL-E (Mega) for story continuation and visualization.
+
+    Args (plain config values, saved as hyper-parameters so a checkpoint rebuilds its model):
+        task: continuation | visualization.
+        characters: names added to the tokenizer as whole words.
+        image_size: frames are resized to this square before stage 1 encodes them.
+        network: `storyexp.systems.storymega_builder` (`source: pretrained | sizes`), plus `start_token`
+            (pretrained: 16383, min-dalle's), `source_zero_one` (true: the original's [0, 1] input to the taming
+            encoder; taming VQGANs are trained on [-1, 1]) and `stage1_fit` (sizes: fit stage 1 on first use).
+        story: `condition` (condition layers on), `gate_init` zero | none (the original's ungated layers).
+        train: `mode` finetune (encoder + decoder, the original's) | condition_only (condition layers and the text
+            embedding); `text_dropout` (fraction of captions replaced by the empty one while training).
+        optimizer, lr_schedule: AdamW and warm-up + `decay` cosine | constant.
+        sampler: top_k, temperature, supercondition_factor (1 = off, as the original), num_candidates, chain,
+            autocast.
+        recipe: run length and clipping read by the trainer config.
+    """
+
+    frozen_hint = "check model.train.mode"
+
+    def __init__(
+        self,
+        task: str,
+        characters: list[str],
+        image_size: int,
+        network: dict[str, Any],
+        story: dict[str, Any],
+        train: dict[str, Any],
+        optimizer: dict[str, Any],
+        lr_schedule: dict[str, Any],
+        sampler: dict[str, Any],
+        recipe: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self._init_story(task, image_size, sampler)
+        mode = str(train.get("mode", "finetune"))
+        if mode not in MODES:
+            raise ConfigurationError(f"model.train.mode must be one of {MODES}, got {mode!r}.")
+        self.save_hyperparameters()
+        built = build_storymega(network, story, list(characters))
+        self.stage1, self.model = built.stage1, built.model
+        self.start_token, self.sampled_vocab = built.start_token, built.sampled_vocab
+        self.frames_zero_one = bool(network.get("source_zero_one", False))
+        self.apply_mode(mode)
+        self._warned_long = 0
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def apply_mode(self, mode: str) -> None:
+        """Stage 1 and the detokenizer never train; `condition_only` trains the condition layers and the text
+        embedding (where the character tokens live) on a frozen backbone."""
+        self.stage1.requires_grad_(False)
+        self.model.requires_grad_(mode == "finetune")
+        if self.model.detokenizer is not None:
+            self.model.detokenizer.requires_grad_(False)
+        if mode == "condition_only":
+            self.model.encoder.embed_tokens.requires_grad_(True)
+            for name, param in self.model.decoder.named_parameters():
+                if "condition" in name:
+                    param.requires_grad_(True)
+
+    # ------------------------------------------------------------------------------------ batch preparation
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """[n] captions -> [n, text_tokens] ids (cut and padded as min-dalle); over-long ones warn."""
+        length = self.model.config.text_token_count
+        ids = self.tokenizer.encode_batch(list(captions), length)
+        cut = [c for c, row in zip(captions, ids) if int(row[-1]) != self.tokenizer.pad_id
+               and len(self.tokenizer.tokenize(c)) > length]
+        if cut and self._warned_long < 5:
+            self._warned_long += 1
+            warnings.warn(f"{len(cut)} caption(s) longer than {length} tokens were truncated, e.g. {cut[0][:80]!r}.",
+                          stacklevel=2)
+        return ids.to(self.device)
+
+    def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
+        frames: torch.Tensor = batch["frames"]
+        captions = captions if captions is not None else batch["captions"]
+        self.check_frames(frames)
+        first = self.first_target
+        codes = self.encode_frames(frames)
+        texts = self.tokenize([c for story in captions for c in story[first:]])
+        source_rows = None
+        if self.task == "visualization":  # frame 0 is drawn from text alone; the others attend to frame 0
+            source_rows = torch.arange(self.num_targets, device=self.device) > 0
+        return {
+            "texts": texts.view(frames.shape[0], self.num_targets, -1),
+            "images": codes[:, first:],
+            "source_codes": codes[:, 0],
+            "source_rows": source_rows,
+        }
+
+    # -------------------------------------------------------------------------------------------- steps
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        inputs = self.prepare_batch(batch)
+        dropout = float(self.hparams.train.get("text_dropout", 0.0)) if self.training else 0.0
+        return story_loss(self.model, **inputs, start_token=self.start_token, text_dropout=dropout)
+
+    # -------------------------------------------------------------------------------------------- sampling
+
+    def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
+                     generator: torch.Generator) -> torch.Tensor:
+        inputs = self.prepare_batch(batch, captions=captions)
+        K = num_candidates
+        source = inputs["source_codes"].repeat_interleave(K, dim=0) if self.task == "continuation" else None
+        return sample_story(
+            self.model, inputs["texts"].repeat_interleave(K, dim=0), source,
+            start_token=self.start_token, sampled_vocab=self.sampled_vocab,
+            top_k=int(settings.get("top_k", 256)), temperature=float(settings.get("temperature", 1.0)),
+            supercondition_factor=float(settings.get("supercondition_factor", 1.0)), generator=generator,
+            chain=bool(settings.get("chain", False)),
+        )
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """[N, T] -> uint8 [N, H, W, 3]: min-dalle's detokenizer (clip to [0, 1]), or the model's own stage 1."""
+        if self.model.detokenizer is not None:
+            return self.to_uint8(self.model.decode_codes(codes).float())
+        side = self.stage1.config.latent_dim
+        x = self.stage1.decode_code(codes.view(-1, side, side)).float()
+        return self.to_uint8(torch.clamp(x * 0.5 + 0.5, 0, 1))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def tokenizer_state(self) -> str:
+        return tokenizer_to_json(self.tokenizer)
+
+    def load_tokenizer_state(self, state: str, state_dict: dict[str, Any]) -> None:
+        self.model.tokenizer = tokenizer_from_json(state)
+        rows = state_dict.get("model.encoder.embed_tokens.weight")
+        if rows is not None and rows.shape[0] != self.model.encoder.embed_tokens.num_embeddings:
+            self.model.encoder.resize_token_embeddings(int(rows.shape[0]))
