@@ -40,7 +40,12 @@ class StoryTokenSystem(L.LightningModule):
     frozen_hint = "check model.train"
     frames_zero_one = False  # stage-1 input range: [-1, 1] (taming's); True feeds [0, 1]
 
-    def _init_story(self, task: str, image_size: int, sampler: dict[str, Any]) -> None:
+    def _init_story(self, task: str, image_size: int, sampler: dict[str, Any], train: dict[str, Any],
+                    modes: tuple[str, ...]) -> str:
+        """Checks the shared options and sets the task layout; returns the training mode (`train.mode`)."""
+        mode = str(train.get("mode", modes[0]))
+        if mode not in modes:
+            raise ConfigurationError(f"model.train.mode must be one of {modes}, got {mode!r}.")
         if task not in TASKS:
             raise ConfigurationError(f"Unknown task '{task}' for {type(self).__name__}; expected one of {TASKS}.")
         if sampler.get("autocast") not in AUTOCAST:
@@ -50,6 +55,7 @@ class StoryTokenSystem(L.LightningModule):
         self.image_size = int(image_size)
         self.num_frames = N_FRAMES
         self.num_targets = N_FRAMES - 1 if task == "continuation" else N_FRAMES
+        return mode
 
     @property
     def first_target(self) -> int:
@@ -96,11 +102,27 @@ class StoryTokenSystem(L.LightningModule):
         images = images.float().div(255.0) if self.frames_zero_one else images.float().div(127.5).sub(1.0)
         return self.stage1.get_codes(images).view(B, F, -1)
 
-    def check_frames(self, frames: torch.Tensor) -> None:
+    def story_inputs(self, batch: dict[str, Any], captions: list[list[str]]) -> dict[str, Any]:
+        """Codes and caption ids of a batch: texts [B, L, N] (the subclass's `tokenize`), images [B, L, T] (the
+        L target frames), source_codes [B, T] (frame 0), source_rows [L] (visualization: frame 0 is drawn from
+        its text alone, the others attend to frame 0) or None."""
+        frames: torch.Tensor = batch["frames"]
         if frames.dim() != 5 or frames.shape[1] != self.num_frames or frames.dtype != torch.uint8:
             raise ValueError(
                 f"expected frames uint8 [B, {self.num_frames}, H, W, 3], got {tuple(frames.shape)} {frames.dtype}"
             )
+        first = self.first_target
+        codes = self.encode_frames(frames)
+        texts = self.tokenize([c for story in captions for c in story[first:]])
+        source_rows = None
+        if self.task == "visualization":
+            source_rows = torch.arange(self.num_targets, device=self.device) > 0
+        return {
+            "texts": texts.view(frames.shape[0], self.num_targets, -1),
+            "images": codes[:, first:],
+            "source_codes": codes[:, 0],
+            "source_rows": source_rows,
+        }
 
     # -------------------------------------------------------------------------------------------- steps
 

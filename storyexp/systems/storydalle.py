@@ -75,10 +75,7 @@ class StoryDalleSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        self._init_story(task, image_size, sampler)
-        mode = str(train.get("mode", "finetune"))
-        if mode not in MODES:
-            raise ConfigurationError(f"model.train.mode must be one of {MODES}, got {mode!r}.")
+        mode = self._init_story(task, image_size, sampler, train, MODES)
         self.save_hyperparameters()
 
         enc_cfg = dict(sentence_encoder)
@@ -146,23 +143,10 @@ class StoryDalleSystem(StoryTokenSystem):
         return encoder.encode(flat).to(self.device, torch.float32).view(B, L, -1)
 
     def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
-        frames: torch.Tensor = batch["frames"]
         captions = captions if captions is not None else batch["captions"]
-        self.check_frames(frames)
-        B = frames.shape[0]
-        first = self.first_target
-        codes = self.encode_frames(frames)
-        texts = self.tokenize([c for story in captions for c in story[first:]]).view(B, self.num_targets, -1)
-        source_rows = None
-        if self.task == "visualization":  # frame 0 is drawn from text alone; the others attend to frame 0
-            source_rows = torch.arange(self.num_targets, device=self.device) > 0
-        return {
-            "texts": texts,
-            "images": codes[:, first:],
-            "source_codes": codes[:, 0],
-            "sentence_embeds": self.sentence_embeddings(batch, captions, first),
-            "source_rows": source_rows,
-        }
+        inputs = self.story_inputs(batch, captions)
+        inputs["sentence_embeds"] = self.sentence_embeddings(batch, captions, self.first_target)
+        return inputs
 
     # -------------------------------------------------------------------------------------------- steps
 

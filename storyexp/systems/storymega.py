@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from storyexp.errors import ConfigurationError
 from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_json, tokenizer_to_json
 from storyexp.systems.story_tokens import StoryTokenSystem
 from storyexp.systems.storymega_builder import build_storymega
@@ -63,10 +62,7 @@ class StoryMegaSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        self._init_story(task, image_size, sampler)
-        mode = str(train.get("mode", "finetune"))
-        if mode not in MODES:
-            raise ConfigurationError(f"model.train.mode must be one of {MODES}, got {mode!r}.")
+        mode = self._init_story(task, image_size, sampler, train, MODES)
         self.save_hyperparameters()
         built = build_storymega(network, story, list(characters))
         self.stage1, self.model = built.stage1, built.model
@@ -107,21 +103,7 @@ class StoryMegaSystem(StoryTokenSystem):
         return ids.to(self.device)
 
     def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
-        frames: torch.Tensor = batch["frames"]
-        captions = captions if captions is not None else batch["captions"]
-        self.check_frames(frames)
-        first = self.first_target
-        codes = self.encode_frames(frames)
-        texts = self.tokenize([c for story in captions for c in story[first:]])
-        source_rows = None
-        if self.task == "visualization":  # frame 0 is drawn from text alone; the others attend to frame 0
-            source_rows = torch.arange(self.num_targets, device=self.device) > 0
-        return {
-            "texts": texts.view(frames.shape[0], self.num_targets, -1),
-            "images": codes[:, first:],
-            "source_codes": codes[:, 0],
-            "source_rows": source_rows,
-        }
+        return self.story_inputs(batch, captions if captions is not None else batch["captions"])
 
     # -------------------------------------------------------------------------------------------- steps
 
