@@ -47,13 +47,14 @@ def test_demo_model_train_step_validation_and_sampling(tmp_path, shared_data_dir
     assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
 
 
-def test_storydalle_demo_model_fits_stage1_then_trains_validates_and_samples(tmp_path, shared_data_dir):
-    """`model=mindalle data=demo` (the demo size): stage 1 fitted on first use, then stage 2 steps and sampling."""
+@pytest.mark.parametrize("model", ["mindalle", "mega"])
+def test_storydalle_demo_models_fit_stage1_then_train_validate_and_sample(tmp_path, shared_data_dir, model):
+    """`model=mindalle|mega data=demo` (the demo sizes): stage 1 fitted on first use, then steps and sampling."""
     from storyexp.tasks import run_task
 
     from .conftest import compose_cfg
 
-    cfg = compose_cfg(TINY_DEMO + ["model=mindalle", "trainer=cpu", "trainer.max_steps=2",
+    cfg = compose_cfg(TINY_DEMO + [f"model={model}", "trainer=cpu", "trainer.max_steps=2",
                                    "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                                    "trainer.limit_test_batches=1", "model.network.stage1_fit.steps=5",
                                    f"model.network.stage1_fit.cache={tmp_path / 'stage1.ckpt'}",
