@@ -3,6 +3,7 @@
     train   fit (resuming from `ckpt_path` if given), then test the best checkpoint
     eval    test a checkpoint (`ckpt_path` required)
     sample  generate stories from a checkpoint: a split's stories, or captions given by the user
+    benchmark  time the model's training step and story sampling, and its peak memory (storyexp/benchmark.py)
 
 Every task writes `metrics.json` (train/eval) or PNG grids (sample) into the run's output directory and
 returns the config's `optimized_metric` so Hydra sweepers can optimise it.
@@ -40,7 +41,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 # what launch.py reports as a message rather than a traceback
 UserError = (StoryexpError, StoryDataError)
 
-TASKS = ("train", "eval", "sample")
+TASKS = ("train", "eval", "sample", "benchmark")
 SUBPROCESS_DDP = {"ddp", "fsdp", "deepspeed", "ddp_find_unused_parameters_true"}
 
 
@@ -50,7 +51,7 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ConfigurationError(f"Unknown task '{cfg.task}'. Known tasks: {', '.join(TASKS)}.")
     refuse_multirun_with_subprocess_ddp(cfg)
     try:
-        metrics = {"train": train, "eval": evaluate, "sample": sample}[cfg.task](cfg)
+        metrics = {"train": train, "eval": evaluate, "sample": sample, "benchmark": benchmark}[cfg.task](cfg)
     finally:
         finish_wandb()
     return optimized_value(cfg, metrics)
@@ -96,14 +97,18 @@ def _targets(group: DictConfig | None) -> list[DictConfig]:
     return [node for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def build_all(cfg: DictConfig):
+def build_data_and_model(cfg: DictConfig):
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     check = getattr(datamodule, "check_available", None)
     if check is not None:  # fail before building a large model when the data is missing
         check()
-    model = build_model(cfg)
+    return datamodule, build_model(cfg)
+
+
+def build_all(cfg: DictConfig):
+    datamodule, model = build_data_and_model(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers)
@@ -161,6 +166,12 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         log.info("Story PNGs written to %s", outputs)
     return {}
+
+
+def benchmark(cfg: DictConfig) -> dict[str, float]:
+    from storyexp.benchmark import run_benchmark
+
+    return run_benchmark(cfg, *build_data_and_model(cfg))
 
 
 # ------------------------------------------------------------------------------------------- reporting

@@ -161,3 +161,22 @@ def test_bf16_mixed_precision_trains_on_cpu(shared_data_dir, tmp_path):
     metrics, _ = run(tmp_path, shared_data_dir, "trainer.precision=bf16-mixed", "trainer.limit_train_batches=1",
                      "trainer.max_steps=-1", "eval=loss_only")
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["test/loss"])
+
+
+@pytest.mark.parametrize("model, system", [("arldm_tiny", "ARLDMSystem"), ("mindalle_tiny", "StoryDalleSystem"),
+                                           ("mega_tiny", "StoryMegaSystem")])
+def test_benchmark_task_times_training_and_sampling(shared_data_dir, tmp_path, model, system):
+    overrides = ["task=benchmark", f"model={model}", "benchmark.steps=2", "benchmark.warmup=1"]
+    _, out = run(tmp_path, shared_data_dir, *overrides)
+    report = json.loads((out / "benchmark.json").read_text())
+    results = report["results"]
+    for key in ("train_step_s", "train_stories_per_s", "sample_batch_s", "sample_frames_per_s", "peak_memory_gb"):
+        assert results[f"benchmark/{key}"] > 0, key
+    assert 0 < results["benchmark/params_trainable"] <= results["benchmark/params_total"]
+    assert report["context"]["device"] == "cpu" and report["context"]["batch_size"] == 4
+    assert report["context"]["model"].endswith(system)
+
+
+def test_benchmark_refuses_bad_options(shared_data_dir, tmp_path):
+    with pytest.raises(ConfigurationError, match="benchmark.device"):
+        run(tmp_path, shared_data_dir, "task=benchmark", "benchmark.device=tpu")

@@ -1,0 +1,148 @@
+"""task=benchmark: how fast a model config trains and samples on this machine, and how much memory it takes.
+
+    python launch.py task=benchmark model=mindalle_demo benchmark.steps=20
+    python launch.py task=benchmark model=arldm trainer.precision=bf16-mixed benchmark.device=cuda
+
+Runs `benchmark.warmup` + `benchmark.steps` training steps (the system's own `training_step` on real batches of
+the configured data, AdamW over the trainable parameters, under the autocast that `trainer.precision` names), then
+samples `benchmark.sample_batches` batches of stories with `generate`. Weights are as built (no checkpoint is
+needed; a demo model's stage 1 is not fitted first), so the figures are speed and memory, not quality.
+
+Writes `<output_dir>/benchmark.json` and prints a table:
+    train_step_s          median seconds per optimizer step (after warm-up)
+    train_stories_per_s   stories per second in training (batch size / train_step_s)
+    sample_batch_s        seconds to sample one batch of whole stories
+    sample_frames_per_s   generated frames per second
+    peak_memory_gb        CUDA: peak allocated; CPU: peak resident set size of the process
+    params_total, params_trainable
+
+Lightning's Trainer loop (callbacks, logging, checkpointing) is deliberately left out: it measures the model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from storyexp.errors import ConfigurationError
+from storyexp.utils.io import atomic_write_text
+
+DEVICES = ("auto", "cpu", "cuda")
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ConfigurationError(f"benchmark.device must be one of {DEVICES}, got {name!r}.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("benchmark.device=cuda but no CUDA device is available.")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def run_benchmark(cfg: DictConfig, datamodule, model) -> dict[str, float]:
+    opts = cfg.benchmark
+    steps, warmup, sample_batches = int(opts.steps), int(opts.warmup), int(opts.sample_batches)
+    if steps < 1 or warmup < 0 or sample_batches < 0:
+        raise ConfigurationError("benchmark.steps must be >= 1, benchmark.warmup and sample_batches >= 0.")
+    device = resolve_device(str(opts.device))
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    dtype = AUTOCAST.get(precision)
+    autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    batches = iter(datamodule.train_dataloader())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    times = []
+    with warnings.catch_warnings():  # training_step logs through self.log; there is no Trainer here
+        warnings.filterwarnings("ignore", message=r".*self.trainer` reference is not registered.*")
+        warnings.filterwarnings("ignore", message=r".*You are trying to `self.log\(\)`.*")
+        for i in range(warmup + steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(datamodule.train_dataloader())
+                batch = next(batches)
+            batch = to_device(batch, device)
+            _sync(device)
+            start = time.perf_counter()
+            with autocast:
+                loss = model.training_step(batch, i)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+
+    stories = int(batch["frames"].shape[0])
+    results: dict[str, float] = {
+        "benchmark/train_step_s": statistics.median(times),
+        "benchmark/train_stories_per_s": stories / statistics.median(times),
+    }
+    if sample_batches:
+        model.eval()
+        sample_times, frames = [], 0
+        loader = iter(datamodule.val_dataloader())
+        for _ in range(sample_batches):
+            batch = to_device(next(loader), device)
+            _sync(device)
+            start = time.perf_counter()
+            generated = model.generate(batch)
+            _sync(device)
+            sample_times.append(time.perf_counter() - start)
+            frames += int(generated.shape[0] * generated.shape[1])
+        results["benchmark/sample_batch_s"] = statistics.mean(sample_times)
+        results["benchmark/sample_frames_per_s"] = frames / sum(sample_times)
+    results["benchmark/peak_memory_gb"] = _peak_memory_gb(device)
+    results["benchmark/params_total"] = float(sum(p.numel() for p in model.parameters()))
+    results["benchmark/params_trainable"] = float(sum(p.numel() for p in params))
+    write_report(cfg, results, device, precision)
+    return results
+
+
+def write_report(cfg: DictConfig, results: dict[str, float], device: torch.device, precision: str) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Path(cfg.paths.output_dir) / "benchmark.json"
+    context = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads(), "precision": precision,
+               "batch_size": int(cfg.data.batch_size), "model": cfg.model.get("_target_")}
+    atomic_write_text(out, json.dumps({"results": results, "context": context}, indent=2))
+    table = Table(title=f"storyexp benchmark ({context['device']}, {precision})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key.split("/", 1)[1], f"{value:.4g}")
+    Console().print(table)
+    Console().print(f"benchmark.json: {out}")
+    return out
