@@ -1,11 +1,8 @@
-"""Small helpers shared by the metric modules: input validation and atomic writes."""
+"""Small helpers shared by the metric modules: input validation."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

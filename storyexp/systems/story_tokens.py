@@ -102,24 +102,25 @@ class StoryTokenSystem(L.LightningModule):
         images = images.float().div(255.0) if self.frames_zero_one else images.float().div(127.5).sub(1.0)
         return self.stage1.get_codes(images).view(B, F, -1)
 
-    def story_inputs(self, batch: dict[str, Any], captions: list[list[str]]) -> dict[str, Any]:
+    def story_inputs(self, batch: dict[str, Any], captions: list[list[str]], targets: bool = True) -> dict[str, Any]:
         """Codes and caption ids of a batch: texts [B, L, N] (the subclass's `tokenize`), images [B, L, T] (the
-        L target frames), source_codes [B, T] (frame 0), source_rows [L] (visualization: frame 0 is drawn from
-        its text alone, the others attend to frame 0) or None."""
+        L target frames; None with `targets=False`, for sampling, which only needs frame 0), source_codes [B, T]
+        (frame 0), source_rows [L] (visualization: frame 0 is drawn from its text alone, the others attend to
+        frame 0) or None."""
         frames: torch.Tensor = batch["frames"]
         if frames.dim() != 5 or frames.shape[1] != self.num_frames or frames.dtype != torch.uint8:
             raise ValueError(
                 f"expected frames uint8 [B, {self.num_frames}, H, W, 3], got {tuple(frames.shape)} {frames.dtype}"
             )
         first = self.first_target
-        codes = self.encode_frames(frames)
+        codes = self.encode_frames(frames if targets else frames[:, :1])
         texts = self.tokenize([c for story in captions for c in story[first:]])
         source_rows = None
         if self.task == "visualization":
             source_rows = torch.arange(self.num_targets, device=self.device) > 0
         return {
             "texts": texts.view(frames.shape[0], self.num_targets, -1),
-            "images": codes[:, first:],
+            "images": codes[:, first:] if targets else None,
             "source_codes": codes[:, 0],
             "source_rows": source_rows,
         }

@@ -17,7 +17,6 @@ loss; deterministic validation (no sampling noise in the loss).
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
@@ -28,8 +27,6 @@ from storyexp.models.mindalle.tokenizer import pad_id, tokenizer_from_json, toke
 from storyexp.models.sentence_encoders import build_sentence_encoder
 from storyexp.systems.story_tokens import TOKENIZER_KEY, StoryTokenSystem
 from storyexp.systems.storydalle_builder import build_storydalle
-
-log = logging.getLogger(__name__)
 
 MODES = ("finetune", "prompt")
 SENTENCE_SOURCES = ("dataset", "hashing", "transformers")
@@ -142,9 +139,10 @@ class StoryDalleSystem(StoryTokenSystem):
         flat = [c for story in captions for c in story[first:]]
         return encoder.encode(flat).to(self.device, torch.float32).view(B, L, -1)
 
-    def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
+    def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None,
+                      targets: bool = True) -> dict[str, Any]:
         captions = captions if captions is not None else batch["captions"]
-        inputs = self.story_inputs(batch, captions)
+        inputs = self.story_inputs(batch, captions, targets)
         inputs["sentence_embeds"] = self.sentence_embeddings(batch, captions, self.first_target)
         return inputs
 
@@ -160,7 +158,7 @@ class StoryDalleSystem(StoryTokenSystem):
     def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
                      generator: torch.Generator) -> torch.Tensor:
         """[B*K, V, T] codes: each story repeated K times (candidates), then `StoryDalleNet.sample`."""
-        inputs = self.prepare_batch(batch, captions=captions)
+        inputs = self.prepare_batch(batch, captions=captions, targets=False)
         K = num_candidates
         source = inputs["source_codes"].repeat_interleave(K, dim=0) if self.task == "continuation" else None
         top_k, top_p = settings.get("top_k"), settings.get("top_p")

@@ -13,7 +13,7 @@ embedding/head grow to match (new rows N(0, 0.02)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,4 +124,4 @@ def _from_sizes(network: dict[str, Any], seed: int):
         {**stage2, "vocab_size_txt": vocab_size(tokenizer), "vocab_size_img": stage1_cfg.n_embed,
          "ctx_len_img": stage1_cfg.num_codes}
     )
-    return stage1, replace(stage2_cfg), tokenizer
+    return stage1, stage2_cfg, tokenizer

@@ -102,8 +102,9 @@ class StoryMegaSystem(StoryTokenSystem):
                           stacklevel=2)
         return ids.to(self.device)
 
-    def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None) -> dict[str, Any]:
-        return self.story_inputs(batch, captions if captions is not None else batch["captions"])
+    def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None,
+                      targets: bool = True) -> dict[str, Any]:
+        return self.story_inputs(batch, captions if captions is not None else batch["captions"], targets)
 
     # -------------------------------------------------------------------------------------------- steps
 
@@ -116,7 +117,7 @@ class StoryMegaSystem(StoryTokenSystem):
 
     def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
                      generator: torch.Generator) -> torch.Tensor:
-        inputs = self.prepare_batch(batch, captions=captions)
+        inputs = self.prepare_batch(batch, captions=captions, targets=False)
         K = num_candidates
         source = inputs["source_codes"].repeat_interleave(K, dim=0) if self.task == "continuation" else None
         return sample_story(

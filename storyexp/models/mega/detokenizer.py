@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import reduce
 
-import torch
 from torch import Tensor, nn
 
 from storyexp.models.vqgan.config import VQGANHParams

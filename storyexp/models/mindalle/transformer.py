@@ -6,7 +6,6 @@ Parameter names follow the original checkpoint layout (`tok_emb_img`, `blocks.<i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
