@@ -15,7 +15,6 @@ from storyexp.data.convert import convert, main
 from .conftest import fixtures_dir
 
 FIXTURES = fixtures_dir()
-pytestmark = pytest.mark.skipif(not (FIXTURES / "raw").is_dir(), reason="fixtures folder absent")
 ORIGINAL = {"pororo": "pororo.h5", "flintstones": "flintstones.h5", "ssid": "ssid.hdf5"}
 
 

@@ -6,7 +6,6 @@ import functools
 import io
 import json
 import logging
-import os
 import pickle
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 import storyexp.data as sd
+from tests.data_paths import fixtures_dir
 from storyexp.data import (
     DEMO_CHARACTERS,
     HDF5Stories,
@@ -32,12 +32,9 @@ from storyexp.data import (
 from storyexp.data.demo import DEMO_COLOURS, DEMO_SCENES, PAIR_ACTIONS, SINGLE_ACTIONS, generate_demo_stories
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("STORYEXP_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
+FIXTURES = fixtures_dir()
 DEMO_KW = dict(seed=7, n_train=24, n_val=6, n_test=8, resolution=64)
 
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "h5").is_dir(), reason=f"dataset fixtures not found at {FIXTURES} (STORYEXP_FIXTURES_DIR)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +294,6 @@ def test_writer_rejects_bad_stories(tmp_path):
 # ---------------------------------------------------------------------------- fixtures written by ARLDM
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     "dataset,filename", [("pororo", "pororo.h5"), ("flintstones", "flintstones.h5"), ("ssid", "ssid.hdf5")]
 )
@@ -413,7 +409,6 @@ def test_datamodule_generates_demo_and_checks_characters(tmp_path):
         wrong.setup("fit")
 
 
-@needs_fixtures
 def test_datamodule_missing_file_and_frame_sizes(tmp_path):
     hint = "Download pororo.zip from the StoryDALL-E README and run scripts/convert_pororo.py."
     dm = StoryDataModule(name="pororo", path=tmp_path / "pororo.h5", characters=[], batch_size=2, missing_hint=hint)
@@ -435,7 +430,6 @@ def test_datamodule_missing_file_and_frame_sizes(tmp_path):
     assert batch["frames"].shape == (1, 5, 32, 32, 3) and batch["labels"] is None
 
 
-@needs_fixtures
 @pytest.mark.parametrize("dataset", ["pororo", "flintstones", "ssid"])
 def test_raw_directories_are_detected_and_batched(dataset):
     root = FIXTURES / "raw" / dataset

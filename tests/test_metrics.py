@@ -387,7 +387,8 @@ def test_metric_suite_merges_and_refuses_duplicate_names(trained, data):
 @pytest.mark.slow
 def test_classifier_on_the_demo_dataset_reaches_098():
     """Default settings on ~15k demo training frames: >= 0.98 frame accuracy on held-out demo frames."""
-    demo = pytest.importorskip("storyexp.data.demo")
+    from storyexp.data import demo
+
     stories = demo.generate_demo_stories(seed=0, n_train=3000, n_val=100, n_test=200)
 
     def split(name):

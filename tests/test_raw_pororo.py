@@ -27,10 +27,6 @@ FIXTURES = fixtures_dir()
 RAW = FIXTURES / "raw" / "pororo"
 EXPECTED = FIXTURES / "expected"
 
-pytestmark = pytest.mark.skipif(
-    not (RAW.is_dir() and (EXPECTED / "storydalle_pororo.json").is_file()),
-    reason=f"PororoSV fixtures not found under {FIXTURES} (set STORYEXP_FIXTURES_DIR)",
-)
 
 
 def _json(name: str) -> dict:

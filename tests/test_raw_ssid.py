@@ -14,17 +14,12 @@ from PIL import Image
 
 from storyexp.data.raw_ssid import SSID_SPLIT_FILES, SSIDRawStories, is_ssid_raw
 from storyexp.data.story import N_FRAMES, Story, StoryDataError
+from tests.data_paths import fixtures_dir
 
-FIXTURES = Path(
-    os.environ.get("STORYEXP_FIXTURES_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
-)
+FIXTURES = fixtures_dir()
 RAW = FIXTURES / "raw" / "ssid"
 EXPECTED = FIXTURES / "expected"
 
-pytestmark = pytest.mark.skipif(
-    not (RAW / "SSID_Annotations").is_dir() or not (EXPECTED / "ssid_stories.json").is_file(),
-    reason=f"SSID fixtures not found under {FIXTURES} (STORYEXP_FIXTURES_DIR)",
-)
 
 SPLITS = list(SSID_SPLIT_FILES)
 

@@ -32,10 +32,6 @@ EXPECTED = FIXTURES / "expected"
 RAW_FLINTSTONES = FIXTURES / "raw" / "flintstones"
 RAW_PORORO = FIXTURES / "raw" / "pororo"
 
-needs_fixtures = pytest.mark.skipif(
-    not (RAW_FLINTSTONES.is_dir() and RAW_PORORO.is_dir() and EXPECTED.is_dir()),
-    reason=f"dataset fixtures not found at {FIXTURES} (set STORYEXP_FIXTURES_DIR)",
-)
 
 CAPTIONS = [
     "Fred and Barney walk the dog.",
@@ -234,7 +230,6 @@ def _flintstones_table() -> tuple[np.ndarray, dict]:
         return table, pickle.load(f)
 
 
-@needs_fixtures
 def test_flintstones_sentence_embeddings_match_storydalle():
     expected = np.load(EXPECTED / "storydalle_flintstones_sent_embeds.npz")
     table, rows = _flintstones_table()
@@ -255,7 +250,6 @@ def test_flintstones_sentence_embeddings_match_storydalle():
     assert checked == n_stories > 0  # every story of the reader was compared
 
 
-@needs_fixtures
 def test_flintstones_sentence_embeddings_survive_pickling():
     ds = FlintstonesRawStories(RAW_FLINTSTONES, "val")
     emb = ds.sentence_embeddings(0)
@@ -277,7 +271,6 @@ def _check_error(err: StoryDataError, ds: FlintstonesRawStories, file_name: str,
     assert all(part in str(err) for part in (file_name, ds.ids[0], field))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", [EMBEDDINGS_FILE, EMBEDDING_ROWS_FILE])
 def test_flintstones_missing_embedding_file(flintstones_copy, name):
     (flintstones_copy / name).unlink()
@@ -289,7 +282,6 @@ def test_flintstones_missing_embedding_file(flintstones_copy, name):
     assert "missing" in str(e.value)
 
 
-@needs_fixtures
 def test_flintstones_missing_or_bad_embedding_row(flintstones_copy):
     ds = FlintstonesRawStories(flintstones_copy, "train")
     victim = ds.clip_ids(0)[3]
@@ -328,7 +320,6 @@ def _reader_and_expected(dataset: str, split: str):
     return ds, {by_id[it["source_globalID"]]: npz[f"{split}/{it['item']}"] for it in items if it["n_targets"] == 4}
 
 
-@needs_fixtures
 @pytest.mark.parametrize("dataset", ["pororo", "flintstones"])
 def test_datamodule_batches_sentence_embeddings(dataset):
     root = RAW_PORORO if dataset == "pororo" else RAW_FLINTSTONES
@@ -361,7 +352,6 @@ def test_datamodule_batches_sentence_embeddings(dataset):
     assert "sentence_embeds" not in next(iter(plain.val_dataloader()))
 
 
-@needs_fixtures
 def test_datamodule_sources_without_sentence_embeddings_fail_at_setup():
     h5 = FIXTURES / "h5" / "pororo.h5"
     dm = StoryDataModule(name="pororo", path=h5, batch_size=2, sentence_embeddings=True)
@@ -374,7 +364,6 @@ def test_datamodule_sources_without_sentence_embeddings_fail_at_setup():
         dm.setup("validate")
 
 
-@needs_fixtures
 def test_datamodule_missing_embedding_file_fails_at_setup(flintstones_copy):
     (flintstones_copy / EMBEDDINGS_FILE).unlink()
     dm = StoryDataModule(name="flintstones", path=flintstones_copy, batch_size=2, sentence_embeddings=True)

@@ -186,8 +186,6 @@ def test_min_dalle_files_and_a_taming_checkpoint_build_the_pretrained_model(tmp_
     """The pretrained path on the parity set's min-dalle files (float16, non-contiguous views) and a taming
     `last.ckpt` written here (with `loss.*` keys, as the real one), its code grid matching the decoder's."""
     folder = parity_dir() / "mega"
-    if not (folder / "cases.pt").is_file():
-        pytest.skip(f"no min-dalle parity files in {folder}")
     from storyexp.models.vqgan import VQGAN, VQGANConfig
 
     meta = torch.load(folder / "cases.pt", weights_only=False)["meta"]["sizes"]

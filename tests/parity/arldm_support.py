@@ -1,6 +1,6 @@
 """Shared loading for the AR-LDM parity tests (vectors produced by the original AR-LDM code).
 
-The parity root comes from ``STORYEXP_PARITY_DIR`` (default ``<repo>/../shared/parity``); the tests read its
+The parity root comes from ``STORYEXP_PARITY_DIR`` (default ``tests/data/parity``); the tests read its
 ``arldm/`` folder. Every size, case, scheduler setting and tolerance basis is taken from the files there, so the
 same tests run unchanged on another set produced the same way. Expensive objects are cached per process
 (``functools.cache``) so that all test modules share one built model.
@@ -12,38 +12,26 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
 import torch
 
-PARITY_ROOT = Path(
-    os.environ.get("STORYEXP_PARITY_DIR") or (Path(__file__).resolve().parents[2] / ".." / "shared" / "parity")
-).resolve()
+from tests.data_paths import parity_dir
+
+PARITY_ROOT = parity_dir()
 ARLDM_DIR = PARITY_ROOT / "arldm"
-PRESENT = (ARLDM_DIR / "meta.json").is_file()
 
 # README section 5.
 ATOL = 1e-5  # single modules, deterministic assembly, loss, one scheduler step
 TRAJECTORY_ATOL = 1e-4  # whole multi-step trajectories
 
 
-def skip_if_absent() -> None:
-    """Module-level skip, only when the parity folder is absent."""
-    if not PRESENT:
-        pytest.skip(f"AR-LDM parity vectors not found at {ARLDM_DIR}", allow_module_level=True)
-
-
 @functools.cache
 def meta() -> dict:
     return json.loads((ARLDM_DIR / "meta.json").read_text())
-
-
-def meta_or_empty() -> dict:
-    """meta.json, or {} when absent (for building parametrize lists at collection time)."""
-    return meta() if PRESENT else {}
 
 
 def dataset_args() -> dict:

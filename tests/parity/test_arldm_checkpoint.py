@@ -7,7 +7,6 @@ import torch
 
 from . import arldm_support as S
 
-S.skip_if_absent()
 
 from storyexp.models.arldm import (  # noqa: E402
     BlipMultimodalConfig,

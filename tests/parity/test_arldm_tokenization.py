@@ -6,7 +6,6 @@ import pytest
 
 from . import arldm_support as S
 
-S.skip_if_absent()
 
 from storyexp.models.arldm import (  # noqa: E402
     add_character_tokens,
@@ -20,7 +19,7 @@ from storyexp.models.arldm import (  # noqa: E402
 def _tokenization():
     import json
 
-    return json.loads((S.ARLDM_DIR / "tokenization.json").read_text()) if S.PRESENT else {"stories": []}
+    return json.loads((S.ARLDM_DIR / "tokenization.json").read_text())
 
 
 STORIES = list(range(len(_tokenization()["stories"])))

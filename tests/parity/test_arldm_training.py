@@ -9,9 +9,8 @@ import torch
 
 from . import arldm_support as S
 
-S.skip_if_absent()
 
-TRAIN_CASES = sorted(S.meta_or_empty().get("train_cases", {}))
+TRAIN_CASES = sorted(S.meta()["train_cases"])
 
 
 @functools.cache

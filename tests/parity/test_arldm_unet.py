@@ -9,11 +9,10 @@ import torch
 
 from . import arldm_support as S
 
-S.skip_if_absent()
 
 from storyexp.models.arldm import masked_unet_forward  # noqa: E402
 
-UNET_CASES = sorted(S.meta_or_empty().get("unet_cases", {}))
+UNET_CASES = sorted(S.meta()["unet_cases"])
 
 
 @functools.cache

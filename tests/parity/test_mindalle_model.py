@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.data_paths import parity_dir
 from storyexp.errors import MissingResourceError
 
-ROOT = Path(os.environ.get("STORYEXP_PARITY_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "parity"))
+ROOT = parity_dir()
 FOLDER = ROOT / "mindalle"
-pytestmark = pytest.mark.skipif(not FOLDER.is_dir(), reason=f"no minDALL-E parity folder at {FOLDER}")
 
 
 @pytest.fixture(scope="module")

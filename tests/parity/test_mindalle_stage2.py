@@ -1,25 +1,21 @@
 """minDALL-E stage 2 parity: tokenizer, Transformer1d (full and KV-cached), cutoffs and the seeded sampler.
 
 Vectors come from the original kakaobrain/minDALL-E code (parity README section 1). Every size and case is read
-from the files under ``$STORYEXP_PARITY_DIR/mindalle``; the module is skipped only when that folder is absent.
+from the files under ``$STORYEXP_PARITY_DIR/mindalle``; a missing folder fails the run (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-PARITY_ROOT = Path(
-    os.environ.get("STORYEXP_PARITY_DIR") or (Path(__file__).resolve().parents[2].parent / "shared" / "parity")
-).resolve()
-MD_DIR = PARITY_ROOT / "mindalle"
+from tests.data_paths import parity_dir
 
-if not (MD_DIR / "cases.pt").is_file():
-    pytest.skip(f"minDALL-E parity vectors not found at {MD_DIR}", allow_module_level=True)
+PARITY_ROOT = parity_dir()
+MD_DIR = PARITY_ROOT / "mindalle"
 
 from storyexp.models.mindalle import (  # noqa: E402
     Stage2Config,

@@ -6,20 +6,16 @@ See shared/parity/README.md §1.1/§1.2 `stage1` and §3 for the files and toler
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-PARITY_DIR = Path(
-    os.environ.get("STORYEXP_PARITY_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "parity")
-)
-MD_DIR = PARITY_DIR / "mindalle"
+from tests.data_paths import parity_dir
 
-if not MD_DIR.is_dir():
-    pytest.skip(f"minDALL-E parity vectors not found at {MD_DIR}", allow_module_level=True)
+PARITY_DIR = parity_dir()
+MD_DIR = PARITY_DIR / "mindalle"
 
 from storyexp.models.vqgan import VQGAN, VQGANCheckpointError, VQGANConfig  # noqa: E402
 
