@@ -339,7 +339,7 @@ def test_load_stories_entry_point(tmp_path, demo_file, monkeypatch):
     with pytest.raises(FileNotFoundError, match="flintstones.*nope.h5"):
         load_stories("flintstones", tmp_path / "nope.h5")
     small = functools.partial(sd.demo.ensure_demo_dataset, n_train=2, n_val=1, n_test=1, resolution=32)
-    monkeypatch.setattr(sd.sources, "ensure_demo_dataset", small)
+    monkeypatch.setattr(sd.demo, "ensure_demo_dataset", small)  # what the demo spec's generator calls
     fresh = load_stories("demo", tmp_path / "new" / "demo.h5", "val")  # missing demo file: generated
     assert len(fresh) == 1 and fresh[0].frames[0].shape == (32, 32, 3)
 
@@ -399,7 +399,7 @@ def test_datamodule_global_batch_size_and_limits(demo_file):
 def test_datamodule_generates_demo_and_checks_characters(tmp_path):
     p = tmp_path / "gen" / "demo.h5"
     small = dict(seed=2, n_train=4, n_val=2, n_test=2, resolution=32)
-    dm = _dm(p, demo=small, batch_size=2)
+    dm = _dm(None, generated_path=p, demo=small, batch_size=2)  # path unset: the generated set
     dm.prepare_data()
     assert p.exists()
     dm.setup("fit")
@@ -447,3 +447,53 @@ def test_raw_directories_are_detected_and_batched(dataset):
     assert torch.equal(batch["frames"], again["frames"])
     with pytest.raises(ValueError, match="frame_choice"):
         StoryDataModule(name=dataset, path=root, frame_choice={"train": "sometimes", "eval": "fixed"})
+
+
+def test_demo_is_generated_only_at_its_default_path(tmp_path):
+    """`data=demo` generates into the data folder; a `data.path` of one's own is read, never written."""
+    import hydra
+
+    from storyexp.errors import MissingResourceError
+    from tests.conftest import compose_cfg
+
+    small = ["data.demo.n_train=4", "data.demo.n_val=2", "data.demo.n_test=2", "data.demo.resolution=16"]
+
+    def build(*overrides: str) -> tuple[StoryDataModule, Path]:
+        cfg = compose_cfg(["data=demo", *small, *overrides], tmp_path)
+        return hydra.utils.instantiate(cfg.data, _convert_="all"), Path(cfg.data.generated_path)
+
+    dm, default = build()
+    assert dm.generates and dm.path == default and default.is_relative_to(tmp_path / "data")
+    dm.check_available()  # nothing to check yet: it is generated in prepare_data
+    dm.prepare_data()
+    assert default.is_file()
+    dm.setup("fit")
+    assert len(dm.stories("train")) == 4
+    removed, _ = build("~data.path")  # data.path removed: the same generated set
+    assert removed.generates and removed.path == default
+
+    wrong = tmp_path / "nonexistent" / "demo.h5"
+    dm, _ = build(f"data.path={wrong}")
+    assert not dm.generates
+    dm.prepare_data()  # generates nothing
+    for call in (dm.check_available, lambda: dm.setup("fit")):
+        with pytest.raises(MissingResourceError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and str(wrong) in msg
+        assert f"remove data.path to generate the demo set in {default}, or point it at an existing file" in msg
+    assert not (tmp_path / "nonexistent").exists()
+
+    mine = tmp_path / "mine.h5"  # an existing demo file of one's own: read as it is
+    mine.write_bytes(default.read_bytes())
+    before = mine.stat().st_mtime_ns
+    dm, _ = build(f"data.path={mine}")
+    dm.check_available()
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.stories("train")) == 4
+    other, _ = build(f"data.path={mine}", "data.demo.n_val=3")  # generated with other parameters: an error
+    other.prepare_data()
+    with pytest.raises(StoryDataError, match="other parameters.*demo_n_val: 2 -> 3"):
+        other.setup("fit")
+    assert mine.stat().st_mtime_ns == before  # never rewritten

@@ -2,6 +2,9 @@
 
 Nothing in this package knows about models (no tokenizers, no normalisation for networks). Importing it does
 not import torch or lightning; :class:`StoryDataModule` (which does) is loaded on first use.
+
+Datasets live in one registry (:mod:`storyexp.data.registry`): a dataset is a reader module declaring its
+:class:`DatasetSpec` with ``register`` plus a ``conf/data/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .demo import DEMO_CHARACTERS, ensure_demo_dataset, generate_demo_stories
-from .hdf5 import HDF5Stories, write_stories_hdf5
-from .sources import KNOWN_DATASETS, load_stories, open_split
+from .hdf5 import HDF5Stories, write_hdf5, write_stories_hdf5
+from .registry import DatasetSpec, get_dataset, known_datasets, register
+from .sources import load_stories, open_split
 from .story import N_FRAMES, Story, StoryDataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,6 +25,7 @@ __all__ = [
     "StoryDataError",
     "N_FRAMES",
     "HDF5Stories",
+    "write_hdf5",
     "write_stories_hdf5",
     "StoryDataModule",
     "collate_stories",
@@ -29,7 +34,10 @@ __all__ = [
     "generate_demo_stories",
     "load_stories",
     "open_split",
-    "KNOWN_DATASETS",
+    "DatasetSpec",
+    "get_dataset",
+    "known_datasets",
+    "register",
 ]
 
 _LAZY = {"StoryDataModule", "collate_stories"}

@@ -1,6 +1,6 @@
 """Raw dataset -> AR-LDM HDF5 layout:  python -m storyexp.data.convert DATASET SRC OUT.h5 [--skip-bad]
 
-    DATASET  pororo | flintstones | ssid
+    DATASET  a registered dataset with a raw layout: pororo | flintstones | ssid (storyexp.data.registry)
     SRC      the raw directory as distributed (StoryDALL-E's pororo / flintstones archive unpacked; for SSID
              the folder holding SSID_Annotations/ and SSID_Images/)
     OUT.h5   written atomically: a failed conversion leaves no file behind
@@ -27,112 +27,55 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import h5py
-import numpy as np
+from storyexp.errors import ConfigurationError, StoryexpError
 
-from storyexp.utils.io import atomic_write
-
-from .hdf5 import FORMAT_NAME, FORMAT_VERSION, N_FRAMES, check_story, encode_png
-from .story import Story, StoryDataError
+from .hdf5 import HDF5Writer, write_hdf5
+from .registry import datasets_with_raw_layout, get_dataset
+from .sources import open_raw_split
+from .story import StoryDataError
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("pororo", "flintstones", "ssid")
-
-
-def stored_stories(dataset: str, root: Path, split: str):
-    """(number of stories, read(i) -> Story with the frames as they are to be stored, characters, text key)."""
-    if dataset == "pororo":
-        from .raw_pororo import PORORO_CHARACTERS, PororoRawStories
-
-        reader = PororoRawStories(root, split)
-
-        def read(i: int) -> Story:
-            story = reader[i]
-            story.frames = [reader.strip(i, j) for j in range(N_FRAMES)]
-            return story
-
-        return len(reader), read, list(PORORO_CHARACTERS), "text"
-    if dataset == "flintstones":
-        from .raw_flintstones import FLINTSTONES_CHARACTERS, FlintstonesRawStories
-
-        reader = FlintstonesRawStories(root, split)
-
-        def read(i: int) -> Story:
-            story = reader[i]
-            story.frames = [np.concatenate(list(reader.clip(i, j)), axis=0) for j in range(N_FRAMES)]
-            return story
-
-        return len(reader), read, list(FLINTSTONES_CHARACTERS), "text"
-    if dataset == "ssid":
-        from .raw_ssid import SSIDRawStories
-
-        reader = SSIDRawStories(root, split)
-        return len(reader), reader.__getitem__, [], "ssid"
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-
-
-class _SplitWriter:
-    """Appends stories to one split group row by row, so a whole dataset never sits in memory."""
-
-    def __init__(self, group: h5py.Group, text_key: str, n_characters: int):
-        self.group, self.n = group, 0
-        vlen = h5py.vlen_dtype(np.dtype("uint8"))
-        text = h5py.string_dtype("utf-8")
-        for j in range(N_FRAMES):
-            group.create_dataset(f"image{j}", shape=(0,), maxshape=(None,), dtype=vlen, chunks=(64,))
-        group.create_dataset(text_key, shape=(0,), maxshape=(None,), dtype=text, chunks=(256,))
-        group.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=text, chunks=(256,))
-        if n_characters:
-            group.create_dataset("labels", shape=(0, N_FRAMES, n_characters), maxshape=(None, N_FRAMES, n_characters),
-                                 dtype=np.float32, chunks=(64, N_FRAMES, n_characters))
-        self.text_key, self.n_characters = text_key, n_characters
-
-    def add(self, story: Story) -> None:
-        i = self.n
-        for name in self.group:
-            self.group[name].resize(i + 1, axis=0)
-        for j, frame in enumerate(story.frames):
-            self.group[f"image{j}"][i] = encode_png(np.asarray(frame))
-        self.group[self.text_key][i] = "|".join(story.captions)
-        self.group["ids"][i] = str(story.id)
-        if self.n_characters:
-            self.group["labels"][i] = np.asarray(story.labels, dtype=np.float32)
-        self.n += 1
 
 
 def convert(dataset: str, src: str | os.PathLike, out: str | os.PathLike, *, skip_bad: bool = False,
             progress: bool = True, splits=SPLITS) -> dict:
-    """Convert; returns the report (stories written and skipped per split)."""
-    src, out = Path(src), Path(out)
-    report: dict = {"dataset": dataset, "source": str(src), "output": str(out), "splits": {}}
+    """Convert; returns the report (stories written and skipped per split).
 
-    def write(tmp: Path) -> None:
+    `dataset` is any registered dataset with a raw layout; what is stored, the caption dataset's name and
+    the label order come from its :class:`~storyexp.data.registry.DatasetSpec`.
+    """
+    spec = get_dataset(dataset)
+    if not spec.convertible:
+        raise ConfigurationError(f"the {spec.name} dataset has no raw layout to convert; datasets with one: "
+                                 f"{', '.join(datasets_with_raw_layout())}")
+    src, out = Path(src), Path(out)
+    report: dict = {"dataset": spec.name, "source": str(src), "output": str(out), "splits": {}}
+
+    def fill(writer: HDF5Writer) -> None:
         bad: list[StoryDataError] = []
-        with h5py.File(tmp, "w") as f, _progress(progress) as bar:
+        with _progress(progress) as bar:
             for split in splits:
-                n, read, characters, text_key = stored_stories(dataset, src, split)
-                f.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "text_key": text_key,
-                                "characters": json.dumps(characters), "source": f"raw {dataset}"})
-                writer = _SplitWriter(f.create_group(split), text_key, len(characters))
+                stories = open_raw_split(spec, src, split, stored=True)
+                n = len(stories)
+                split_writer = writer.split(split)
                 skipped = []
-                task = bar(f"{dataset} {split}", n)
+                task = bar(f"{spec.name} {split}", n)
                 for i in range(n):
                     try:
-                        story = read(i)
-                        check_story(story, out, split, i)
+                        split_writer.add(stories[i], index=i)  # read, checked, appended
                     except StoryDataError as err:
                         bad.append(err)
                         skipped.append({"index": i, "story_id": err.story_id, "field": err.field, "error": str(err)})
-                    else:
-                        writer.add(story)
                     task()
-                report["splits"][split] = {"written": writer.n, "skipped": skipped}
+                split_writer.close()
+                report["splits"][split] = {"written": split_writer.n, "skipped": skipped}
         if bad and not skip_bad:
             listed = "\n  ".join(str(e) for e in bad)
             raise StoryDataError(f"{len(bad)} bad stories (nothing was written; --skip-bad leaves them out):\n  {listed}",
                                  file=src)
 
-    atomic_write(out, write)
+    write_hdf5(out, fill, text_key=spec.text_key, characters=list(spec.characters),
+               attrs={"source": f"raw {spec.name}", "dataset": spec.name})
     if skip_bad:
         Path(f"{out}.report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
@@ -165,7 +108,7 @@ class _progress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m storyexp.data.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=DATASETS)
+    parser.add_argument("dataset", choices=datasets_with_raw_layout())
     parser.add_argument("src", help="raw dataset directory as distributed")
     parser.add_argument("out", help="output HDF5 file")
     parser.add_argument("--skip-bad", action="store_true", help="leave bad stories out and write OUT.report.json")
@@ -173,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = convert(args.dataset, args.src, args.out, skip_bad=args.skip_bad, progress=not args.no_progress)
-    except (StoryDataError, FileNotFoundError) as err:
+    except (StoryDataError, StoryexpError, FileNotFoundError) as err:
         print(f"storyexp.data.convert: error: {err}", file=sys.stderr)
         return 1
     for split, info in report["splits"].items():

@@ -1,4 +1,5 @@
-"""Lightning data module over story HDF5 files (ARLDM layout; the demo set is generated on first use).
+"""Lightning data module over story data (HDF5 files in the ARLDM layout or raw folders; the demo set is generated
+on first use, in the project's data folder).
 
 Batches are model-agnostic dicts (systems turn them into network inputs)::
 
@@ -9,6 +10,10 @@ Batches are model-agnostic dicts (systems turn them into network inputs)::
     index    int64 tensor [B] (row of the story in its split)
     sentence_embeds  float32 tensor [B, 5, D]: the dataset's own per-frame sentence embeddings (only with
                      ``sentence_embeddings=True``; StoryDALL-E's story-block input)
+
+Under DDP (``torch.distributed`` initialised with more than one process) the val/test/predict loaders shard
+their split with :class:`UnpaddedDistributedSampler`, so every story is scored exactly once; the training
+loader gets Lightning's usual (padded, shuffled) ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -22,27 +27,61 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from storyexp.errors import ConfigurationError
+from storyexp.errors import ConfigurationError, MissingResourceError
 
 from .frames import FRAME_RULES
-from .demo import DEMO_CHARACTERS, ensure_demo_dataset, read_demo_params
 from .hdf5 import HDF5Stories
-from .sources import KNOWN_DATASETS, open_split
+from .registry import DatasetSpec, get_dataset
+from .sources import open_split
 from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
     "StoryDataModule",
     "StoryItems",
+    "UnpaddedDistributedSampler",
     "collate_stories",
+    "eval_shard",
     "has_sentence_embeddings",
-    "KNOWN_DATASETS",
     "open_split",
 ]
 
 TASKS = ("continuation", "visualization")
-_DEMO_KEYS = ("seed", "n_train", "n_val", "n_test", "resolution")
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shards a dataset over processes without padding: rank ``r`` of ``w`` gets ``indices[r::w]``, in order.
+
+    The union of the shards is every index exactly once, so an evaluation under DDP scores each story once
+    (PyTorch's ``DistributedSampler`` pads the last shard by repeating stories; Lightning injects that one
+    unless a loader already has a ``DistributedSampler``, which this is). Shards differ in length by at most
+    one; a shard may be empty when there are fewer items than processes. Never shuffles.
+
+    Lightning's ``lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler`` yields the same
+    shards but asserts that every process gets at least one item, so it cannot express a split with fewer
+    stories than processes; :class:`StoryDataModule` refuses such a split with a message instead.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.total_size = len(self.dataset)
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def eval_shard() -> tuple[int, int] | None:
+    """``(world_size, rank)`` when ``torch.distributed`` is initialised with more than one process, else ``None``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world_size = int(dist.get_world_size())
+    return (world_size, int(dist.get_rank())) if world_size > 1 else None
 
 
 class _Head(Sequence):
@@ -196,12 +235,17 @@ def _collate_sentence_embeds(items: list[dict[str, Any]]) -> torch.Tensor | None
 
 
 class StoryDataModule(L.LightningDataModule):
-    """Train/val/test story loaders over one HDF5 file.
+    """Train/val/test story loaders over one dataset (an HDF5 file or the raw folder as distributed).
 
     Args:
-        name: ``demo`` | ``pororo`` | ``flintstones`` | ``ssid``.
-        path: the HDF5 file. For ``demo`` it is generated there (rank 0, in ``prepare_data``) when absent or
-            generated with other parameters.
+        name: a registered dataset (:func:`storyexp.data.registry.known_datasets`: ``demo``, ``pororo``,
+            ``flintstones``, ``ssid``, ...); anything else is a :class:`ConfigurationError`.
+        path: the HDF5 file or raw folder. For a dataset the project generates (``demo``), ``None`` means
+            `generated_path`; any other path is read as it is and must exist (it is never generated).
+        generated_path: generated datasets only: the one place the set is generated, in the project's data
+            folder (``conf/data/demo.yaml``: ``${paths.data_dir}/demo/...``). When `path` is this path (the
+            default), the set is generated there (rank 0, in ``prepare_data``) when absent or generated with
+            other parameters.
         task: ``continuation`` | ``visualization`` (metadata for the systems; the data is the same).
         characters: character names in label order (empty for datasets without labels).
         batch_size: GLOBAL batch size, split evenly over ``trainer.world_size`` processes in ``setup``.
@@ -209,7 +253,7 @@ class StoryDataModule(L.LightningDataModule):
         limit_train, limit_val, limit_test: use only the first N stories of a split.
         test_split: split used by ``test_dataloader`` / ``predict_dataloader``.
         missing_hint: where to get the dataset / how to convert it, shown when the file is missing.
-        demo: demo generation parameters ``{seed, n_train, n_val, n_test, resolution}``.
+        demo: generation parameters of a generated dataset (demo: ``{seed, n_train, n_val, n_test, resolution}``).
         frame_size: resize every frame to ``frame_size x frame_size`` (cv2 ``INTER_AREA``); ``None`` keeps
             stored sizes (a batch with frames of different sizes is then an error).
         text_key: caption dataset name; ``None`` auto-detects.
@@ -225,7 +269,7 @@ class StoryDataModule(L.LightningDataModule):
     def __init__(
         self,
         name: str,
-        path: str | os.PathLike,
+        path: str | os.PathLike | None = None,
         task: str = "visualization",
         characters: Sequence[str] = (),
         batch_size: int = 8,
@@ -245,10 +289,10 @@ class StoryDataModule(L.LightningDataModule):
         vocabulary: Sequence[str] | None = None,
         frame_choice: Mapping[str, str] | None = None,
         sentence_embeddings: bool = False,
+        generated_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if name not in KNOWN_DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
+        spec = get_dataset(name)  # an unknown name: ConfigurationError listing the known ones
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         if int(batch_size) < 1:
@@ -257,7 +301,16 @@ class StoryDataModule(L.LightningDataModule):
             if value is not None and int(value) < 0:
                 raise ValueError(f"{key} must be >= 0 or None, got {value}")
         self.name = name
+        self.generated_path = None
+        if spec.generator is not None and generated_path is not None:
+            self.generated_path = Path(generated_path).expanduser()
+        if path is None:
+            if self.generated_path is None:
+                raise ConfigurationError(f"data.path is required for the {name} dataset (an HDF5 file or raw folder)")
+            path = self.generated_path
         self.path = Path(path).expanduser()
+        # generate only into the project's data folder: never at a path the user typed
+        self.generates = self.generated_path is not None and _same_path(self.path, self.generated_path)
         self.task = task
         self.characters = [str(c) for c in characters]
         self.batch_size = int(batch_size)
@@ -281,7 +334,7 @@ class StoryDataModule(L.LightningDataModule):
         # caption facts the model config reads (`${data.max_length}`, `${data.vocabulary}`); unused here
         self.max_length = max_length
         self.vocabulary = list(vocabulary or [])
-        self.demo = self._demo_params(demo) if name == "demo" else None
+        self.demo = spec.generator.params(demo) if spec.generator is not None else None
         self.datasets: dict[str, StoryItems] = {}
         self.save_hyperparameters(
             {
@@ -296,15 +349,10 @@ class StoryDataModule(L.LightningDataModule):
             }
         )
 
-    @staticmethod
-    def _demo_params(demo: Mapping[str, Any] | None) -> dict[str, int]:
-        params = {"seed": 0, "n_train": 3000, "n_val": 100, "n_test": 200, "resolution": 64}
-        if demo is not None:
-            unknown = sorted(set(demo) - set(_DEMO_KEYS))
-            if unknown:
-                raise ValueError(f"unknown demo generation parameter(s) {unknown}; expected {list(_DEMO_KEYS)}")
-            params.update({k: int(v) for k, v in dict(demo).items()})
-        return params
+    @property
+    def spec(self) -> DatasetSpec:
+        """The registry entry of this dataset (looked up, not stored: the module pickles without it)."""
+        return get_dataset(self.name)
 
     @property
     def num_characters(self) -> int:
@@ -312,15 +360,28 @@ class StoryDataModule(L.LightningDataModule):
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
+    def _require_given_file(self) -> None:
+        """A generated dataset at a path of the user's own: it must exist (nothing is generated there)."""
+        if self.spec.generator is None or self.generates or self.path.exists():
+            return
+        where = (f"remove data.path to generate the {self.name} set in {self.generated_path}"
+                 if self.generated_path is not None else f"leave data.path unset to generate the {self.name} set")
+        raise MissingResourceError(
+            f"{self.name} dataset file not found: {self.path} does not exist, and the {self.name} set is only "
+            f"generated at its default path in the data folder; {where}, or point it at an existing file"
+        )
+
     def check_available(self) -> None:
-        """Fail early, before a model is built, when the dataset file is missing (the demo is generated)."""
-        if self.name != "demo":
-            open_split(self.name, self.path, self.train_split, text_key=self.text_key, missing_hint=self.missing_hint)
+        """Fail early, before a model is built, when the dataset is missing (a generated set is made later)."""
+        if self.generates:
+            return
+        self._require_given_file()
+        open_split(self.name, self.path, self.train_split, text_key=self.text_key, missing_hint=self.missing_hint)
 
     def prepare_data(self) -> None:
-        """Generate the demo set if needed (Lightning calls this on one process per node only)."""
-        if self.name == "demo":
-            ensure_demo_dataset(self.path, **self.demo)
+        """Generate the set if it is generated here (Lightning calls this on one process per node only)."""
+        if self.generates:
+            self.spec.generator.ensure(self.path, **self.demo)
 
     def setup(self, stage: str | None = None) -> None:
         world_size = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
@@ -330,17 +391,12 @@ class StoryDataModule(L.LightningDataModule):
                 f"(world_size {world_size}); choose a multiple of {world_size}"
             )
         self.per_device_batch_size = self.batch_size // world_size
-        if self.trainer is None and self.name == "demo":
+        if self.trainer is None and self.generates:
             self.prepare_data()  # used stand-alone: nobody else will
-        if self.name == "demo" and self.path.exists():
-            have = read_demo_params(self.path)
-            if have is not None and any(have.get(f"demo_{k}") != v for k, v in self.demo.items()):
-                raise StoryDataError(
-                    f"demo file was generated with other parameters ({have}) than configured ({self.demo}); "
-                    "prepare_data regenerates it",
-                    file=self.path,
-                    field="attrs",
-                )
+        self._require_given_file()
+        generator = self.spec.generator
+        if generator is not None and self.path.is_file():
+            generator.check(self.path, **self.demo)
         splits = {
             "fit": [self.train_split, self.val_split],
             "validate": [self.val_split],
@@ -381,7 +437,7 @@ class StoryDataModule(L.LightningDataModule):
         """
         if not has_sentence_embeddings(stories):
             if isinstance(stories, HDF5Stories):
-                source = "generated demo HDF5 file" if self.name == "demo" else "HDF5 file (AR-LDM layout)"
+                source = "generated HDF5 file" if self.spec.generator is not None else "HDF5 file (AR-LDM layout)"
             else:
                 source = f"raw folder ({type(stories).__name__})"
             raise ConfigurationError(
@@ -406,29 +462,31 @@ class StoryDataModule(L.LightningDataModule):
             )
         self.sentence_embedding_dim = int(emb.shape[1])
 
-    def _check_characters(self, stories: HDF5Stories) -> None:
-        if not isinstance(stories, HDF5Stories):  # raw readers take their label order from the layout
-            return
-        named = stories.characters
-        if named is not None and self.characters and named != self.characters:
-            raise StoryDataError(
-                f"file names characters {named} but the data config lists {self.characters} "
-                "(label columns would be misread)",
-                file=stories.path,
-                split=stories.split,
-                field="characters",
-            )
-        if stories.n_characters is not None and self.characters and stories.n_characters != len(self.characters):
-            raise StoryDataError(
-                f"labels have {stories.n_characters} columns but the data config lists "
-                f"{len(self.characters)} characters ({self.characters})",
-                file=stories.path,
-                split=stories.split,
-                field="labels",
-            )
-        if self.name == "demo" and self.characters and self.characters != list(DEMO_CHARACTERS):
-            raise ValueError(
-                f"demo characters must be {list(DEMO_CHARACTERS)} (in this order), got {self.characters}"
+    def _check_characters(self, stories: Sequence[Story]) -> None:
+        if isinstance(stories, HDF5Stories):  # raw readers take their label order from the layout
+            named = stories.characters
+            if named is not None and self.characters and named != self.characters:
+                raise StoryDataError(
+                    f"file names characters {named} but the data config lists {self.characters} "
+                    "(label columns would be misread)",
+                    file=stories.path,
+                    split=stories.split,
+                    field="characters",
+                )
+            if (stories.n_characters is not None and self.characters
+                    and stories.n_characters != len(self.characters)):
+                raise StoryDataError(
+                    f"labels have {stories.n_characters} columns but the data config lists "
+                    f"{len(self.characters)} characters ({self.characters})",
+                    file=stories.path,
+                    split=stories.split,
+                    field="labels",
+                )
+        fixed = list(self.spec.characters)  # the label order of the dataset's own layout
+        if fixed and self.characters and self.characters != fixed:
+            raise ConfigurationError(
+                f"{self.name} characters must be {fixed} (in this order, the dataset's label order), "
+                f"got {self.characters}"
             )
 
     # -- loaders -----------------------------------------------------------------------------------------
@@ -438,11 +496,12 @@ class StoryDataModule(L.LightningDataModule):
             self.datasets[split] = self._build(split)
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None) -> DataLoader:
         return DataLoader(
             self._dataset(split),
             batch_size=self.per_device_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
@@ -450,18 +509,38 @@ class StoryDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        """A val/test/predict loader: under DDP, sharded so that every story is scored exactly once."""
+        shard = eval_shard()
+        if shard is None:
+            return self._loader(split, shuffle=False)
+        world_size, rank = shard
+        dataset = self._dataset(split)
+        if 0 < len(dataset) < world_size:  # a process without a batch would wait forever at the epoch's end
+            raise ConfigurationError(
+                f"the {self.name} {split!r} split has {len(dataset)} stories but {world_size} processes need at "
+                f"least one each (every story is scored exactly once under DDP); use at most {len(dataset)} "
+                "devices or more stories (data.limit_val / data.limit_test)"
+            )
+        return self._loader(split, shuffle=False,
+                            sampler=UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True)
+        return self._loader(self.train_split, shuffle=True)  # Lightning adds its (padded) DistributedSampler
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_split, shuffle=False)
+        return self._eval_loader(self.val_split)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, shuffle=False)
+        return self._eval_loader(self.test_split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_split, shuffle=False)
+        return self._eval_loader(self.test_split)
 
     def stories(self, split: str) -> Sequence[Story]:
         """The (limited) ``Story`` sequence of a split, e.g. for sampling or metrics."""
         return self._dataset(split).stories
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or a.resolve() == b.resolve()

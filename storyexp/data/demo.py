@@ -39,7 +39,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .hdf5 import write_stories_hdf5
-from .story import N_FRAMES, Story
+from .registry import DatasetSpec, Generator, register
+from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
     "DEMO_CHARACTERS",
@@ -52,7 +53,10 @@ __all__ = [
     "generate_demo_stories",
     "generate_demo_story",
     "ensure_demo_dataset",
+    "check_demo_file",
     "read_demo_params",
+    "DEMO_DEFAULTS",
+    "SPEC",
 ]
 
 log = logging.getLogger(__name__)
@@ -250,14 +254,20 @@ def generate_demo_stories(
     seed: int = 0, n_train: int = 3000, n_val: int = 100, n_test: int = 200, resolution: int = 64
 ) -> dict[str, list[Story]]:
     """All demo stories: ``{"train": [...], "val": [...], "test": [...]}``."""
+    return {split: list(stories) for split, stories in _demo_splits(seed, n_train, n_val, n_test, resolution).items()}
+
+
+def _demo_splits(seed: int, n_train: int, n_val: int, n_test: int, resolution: int):
+    """``{split: generator of its stories}``: stories are made one at a time, as the writer takes them."""
     counts = {"train": n_train, "val": n_val, "test": n_test}
     for split, n in counts.items():
         if int(n) < 0:
             raise ValueError(f"n_{split} must be >= 0, got {n}")
-    return {
-        split: [generate_demo_story(seed, split, i, resolution) for i in range(int(n))]
-        for split, n in counts.items()
-    }
+    def stories(split: str, n: int):
+        for i in range(n):
+            yield generate_demo_story(seed, split, i, resolution)
+
+    return {split: stories(split, int(n)) for split, n in counts.items()}
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -320,10 +330,9 @@ def ensure_demo_dataset(
     else:
         reason = "file missing"
     t0 = time.perf_counter()
-    stories = generate_demo_stories(seed, n_train, n_val, n_test, resolution)
-    write_stories_hdf5(
+    write_stories_hdf5(  # streamed: the stories are generated as they are written
         path,
-        stories,
+        _demo_splits(seed, n_train, n_val, n_test, resolution),
         text_key="text",
         characters=DEMO_CHARACTERS,
         attrs={"dataset": "demo", **want},
@@ -338,3 +347,49 @@ def ensure_demo_dataset(
 def _diff(have: dict[str, int], want: dict[str, int]) -> str:
     keys = sorted(set(have) | set(want))
     return ", ".join(f"{k}: {have.get(k)} -> {want.get(k)}" for k in keys if have.get(k) != want.get(k))
+
+
+def check_demo_file(
+    path: str | os.PathLike,
+    seed: int = 0,
+    n_train: int = 3000,
+    n_val: int = 100,
+    n_test: int = 200,
+    resolution: int = 64,
+) -> None:
+    """Raise :class:`StoryDataError` when the demo file at ``path`` was generated with other parameters.
+
+    A file that is not a demo file (no generation attributes) passes: it is read as it is.
+    """
+    have = read_demo_params(path)
+    want = _params(seed, n_train, n_val, n_test, resolution)
+    if have is not None and have != want:
+        raise StoryDataError(
+            f"demo file was generated with other parameters than configured ({_diff(have, want)}); set data.demo "
+            "to the file's parameters, or leave data.path at its default to generate the configured set",
+            file=path,
+            field="attrs",
+        )
+
+
+#: Generation parameters of the demo set and their defaults (``data.demo`` in the config).
+DEMO_DEFAULTS = {"seed": 0, "n_train": 3000, "n_val": 100, "n_test": 200, "resolution": 64}
+
+
+def _ensure(path: str | os.PathLike, **params: int) -> Path:
+    return ensure_demo_dataset(path, **params)  # looked up on each call (tests replace it)
+
+
+def _check(path: str | os.PathLike, **params: int) -> None:
+    check_demo_file(path, **params)
+
+
+SPEC = register(
+    DatasetSpec(
+        name="demo",
+        title="demo",
+        characters=DEMO_CHARACTERS,
+        download="It is generated automatically on first use; check that the data directory is writable.",
+        generator=Generator(defaults=DEMO_DEFAULTS, ensure=_ensure, check=_check),
+    )
+)

@@ -1,4 +1,4 @@
-"""The ARLDM HDF5 story layout: reader (:class:`HDF5Stories`) and writer (:func:`write_stories_hdf5`).
+"""The ARLDM HDF5 story layout: reader (:class:`HDF5Stories`) and the one writer (:func:`write_hdf5`).
 
 Layout (what ARLDM's ``data_script/*_hdf5.py`` write, see ``reference/arldm.md`` §4.1):
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
     "HDF5Stories",
+    "HDF5Writer",
+    "SplitWriter",
+    "check_story",
+    "write_hdf5",
     "write_stories_hdf5",
     "decode_png",
     "encode_png",
@@ -52,7 +56,7 @@ __all__ = [
 TEXT_KEYS = ("text", "ssid", "sis", "dii")
 #: Split groups of the layout.
 SPLITS = ("train", "val", "test")
-#: File attributes written by :func:`write_stories_hdf5`.
+#: File attributes written by :func:`write_hdf5`.
 FORMAT_NAME = "storyexp-arldm-hdf5"
 FORMAT_VERSION = 1
 _CAPTION_SEP = "|"
@@ -308,49 +312,19 @@ class HDF5Stories(Sequence):
 
 
 # ------------------------------------------------------------------------------------------------ writer
+#
+# The one writer of the layout. It streams: stories are checked, encoded and appended in blocks of
+# `_BLOCK` rows to resizable datasets, so converting a large dataset never holds it in memory; and it is
+# atomic (`storyexp.utils.io.atomic_write`): a failed write leaves no file (and no temporary file) behind.
+# The converter, the demo generator and the tests all write through it.
+
+_BLOCK = 64  # rows buffered per split before they are appended (and the chunk size of the image datasets)
 
 
 def _attr_value(value: Any) -> Any:
     if isinstance(value, (str, bool, int, float, np.integer, np.floating)):
         return value
     return json.dumps(value, sort_keys=True)
-
-
-def write_stories_hdf5(
-    path: str | os.PathLike,
-    splits: Mapping[str, Sequence[Story]],
-    text_key: str = "text",
-    *,
-    characters: Sequence[str] | None = None,
-    attrs: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write stories in the ARLDM HDF5 layout, atomically (temporary file in the same folder + ``os.replace``).
-
-    Frames are encoded with ``cv2.imencode('.png', rgb)`` exactly like ARLDM's converters (channel-swapped on
-    disk), so ARLDM's readers and :class:`HDF5Stories` both get the original RGB back. Also written:
-    ``labels`` ``[N, 5, C]`` float32 when the split's stories have labels (all or none of them must),
-    ``ids`` (story ids) and file attributes: format name/version, ``text_key``, ``characters`` (JSON list,
-    when given) and every entry of ``attrs`` (non-scalars JSON-encoded).
-
-    Raises:
-        StoryDataError: a story without exactly 5 frames/captions, a frame that is not ``H x W x 3`` uint8,
-            a caption containing ``|``, labels of the wrong shape, or labels on only some stories.
-    """
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT_NAME
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["text_key"] = text_key
-            if characters is not None:
-                f.attrs["characters"] = json.dumps(list(characters))
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = _attr_value(value)
-            for split, stories in splits.items():
-                _write_split(f.create_group(split), path, split, list(stories), text_key, characters)
-
-    return atomic_write(path, write, mode=0o666 & ~_umask())
 
 
 def _umask() -> int:
@@ -383,48 +357,175 @@ def check_story(story: Story, path: Path, split: str, index: int) -> None:
             )
 
 
-def _write_split(
-    g: h5py.Group,
-    path: Path,
-    split: str,
-    stories: list[Story],
-    text_key: str,
-    characters: Sequence[str] | None,
-) -> None:
-    n = len(stories)
-    images = [np.empty(n, dtype=object) for _ in range(N_FRAMES)]
-    texts = np.empty(n, dtype=object)
-    ids = np.empty(n, dtype=object)
-    with_labels = [s.labels is not None for s in stories]
-    has_labels = any(with_labels)
-    n_chars = None
-    label_rows = []
-    for i, story in enumerate(stories):
-        check_story(story, path, split, i)
+class SplitWriter:
+    """Appends stories to one split group of the layout, :data:`_BLOCK` rows at a time.
 
-        def err(reason: str, field: str, i: int = i, story: Story = story) -> StoryDataError:
-            return StoryDataError(reason, file=path, split=split, index=i, story_id=story.id, field=field)
+    Datasets: ``image0..image4`` (vlen uint8 PNG bytes), the caption dataset (``text_key``, the 5 captions
+    joined by ``|``), ``ids`` and, when the stories have labels, ``labels`` ``[N, 5, C]`` float32. Labels are
+    all or nothing within a split: the first story decides. Obtained from :meth:`HDF5Writer.split`.
+    """
 
-        for j, frame in enumerate(story.frames):
-            images[j][i] = encode_png(np.asarray(frame))
-        texts[i] = _CAPTION_SEP.join(story.captions)
-        ids[i] = str(story.id)
-        if has_labels:
+    def __init__(self, group: h5py.Group, path: Path, text_key: str, characters: Sequence[str] | None) -> None:
+        self.group, self.path, self.split = group, path, group.name.strip("/")
+        self.text_key = text_key
+        self.characters = None if characters is None else list(characters)
+        self.n = 0  # rows written (flushed or buffered)
+        self._flushed = 0
+        self._rows: list[tuple[list[np.ndarray], str, str, np.ndarray | None]] = []
+        self._has_labels: bool | None = None
+        self._n_chars: int | None = None
+        self.closed = False
+        vlen = h5py.vlen_dtype(np.dtype("uint8"))
+        text = h5py.string_dtype("utf-8")
+        for j in range(N_FRAMES):
+            group.create_dataset(f"image{j}", shape=(0,), maxshape=(None,), dtype=vlen, chunks=(_BLOCK,))
+        group.create_dataset(text_key, shape=(0,), maxshape=(None,), dtype=text, chunks=(4 * _BLOCK,))
+        group.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=text, chunks=(4 * _BLOCK,))
+
+    def add(self, story: Story, index: int | None = None) -> None:
+        """Check and append one story (`index`: its position in the source, for error messages)."""
+        if self.closed:
+            raise RuntimeError(f"split {self.split!r} of {self.path} is closed")
+        index = self.n if index is None else index
+        check_story(story, self.path, self.split, index)
+
+        def err(reason: str) -> StoryDataError:
+            return StoryDataError(reason, file=self.path, split=self.split, index=index, story_id=story.id,
+                                  field="labels")
+
+        labels = None
+        if self._has_labels is None:
+            self._has_labels = story.labels is not None
+        if self._has_labels:
             if story.labels is None:
-                raise err("labels missing while other stories of the split have them", "labels")
-            lab = np.asarray(story.labels, dtype=np.float32)
-            if n_chars is None:
-                n_chars = lab.shape[-1] if lab.ndim == 2 else -1
-            if lab.ndim != 2 or lab.shape != (N_FRAMES, n_chars):
-                raise err(f"expected labels of shape [{N_FRAMES}, {n_chars}], got {list(lab.shape)}", "labels")
-            if characters is not None and n_chars != len(characters):
-                raise err(f"labels have {n_chars} columns but {len(characters)} characters are named", "labels")
-            label_rows.append(lab)
-    vlen_u8 = h5py.vlen_dtype(np.dtype("uint8"))
-    for j in range(N_FRAMES):
-        g.create_dataset(f"image{j}", shape=(n,), dtype=vlen_u8, data=images[j] if n else None)
-    str_dt = h5py.string_dtype("utf-8")
-    g.create_dataset(text_key, shape=(n,), dtype=str_dt, data=texts if n else None)
-    g.create_dataset("ids", shape=(n,), dtype=str_dt, data=ids if n else None)
-    if has_labels:
-        g.create_dataset("labels", data=np.stack(label_rows).astype(np.float32))
+                raise err("labels missing while other stories of the split have them")
+            labels = np.asarray(story.labels, dtype=np.float32)
+            if self._n_chars is None:
+                self._n_chars = labels.shape[-1] if labels.ndim == 2 else -1
+            if labels.ndim != 2 or labels.shape != (N_FRAMES, self._n_chars):
+                raise err(f"expected labels of shape [{N_FRAMES}, {self._n_chars}], got {list(labels.shape)}")
+            if self.characters is not None and self._n_chars != len(self.characters):
+                raise err(f"labels have {self._n_chars} columns but {len(self.characters)} characters are named")
+        elif story.labels is not None:
+            raise err("labels present while earlier stories of the split have none")
+        images = [encode_png(np.asarray(frame)) for frame in story.frames]
+        self._rows.append((images, _CAPTION_SEP.join(story.captions), str(story.id), labels))
+        self.n += 1
+        if len(self._rows) >= _BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered rows to the file."""
+        if not self._rows:
+            return
+        g, a, rows = self.group, self._flushed, self._rows
+        b = a + len(rows)
+        if self._has_labels and "labels" not in g:
+            c = self._n_chars
+            g.create_dataset("labels", shape=(0, N_FRAMES, c), maxshape=(None, N_FRAMES, c), dtype=np.float32,
+                             chunks=(_BLOCK, N_FRAMES, c))
+        for name in g:
+            g[name].resize(b, axis=0)
+        for j in range(N_FRAMES):
+            column = np.empty(len(rows), dtype=object)
+            for k, row in enumerate(rows):
+                column[k] = row[0][j]
+            # write_direct: slice assignment would broadcast equal-length PNG buffers into a 2-D array
+            g[f"image{j}"].write_direct(column, dest_sel=np.s_[a:b])
+        g[self.text_key][a:b] = np.array([row[1] for row in rows], dtype=object)
+        g["ids"][a:b] = np.array([row[2] for row in rows], dtype=object)
+        if self._has_labels:
+            g["labels"][a:b] = np.stack([row[3] for row in rows])
+        self._flushed, self._rows = b, []
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class HDF5Writer:
+    """An open story file being written (see :func:`write_hdf5`): one :class:`SplitWriter` per split."""
+
+    def __init__(self, file: h5py.File, path: Path, text_key: str, characters: Sequence[str] | None) -> None:
+        self.file, self.path, self.text_key, self.characters = file, path, text_key, characters
+        self._open: SplitWriter | None = None
+
+    def split(self, name: str) -> SplitWriter:
+        """Start split group `name` (the previous split is finished first)."""
+        self.close()
+        self._open = SplitWriter(self.file.create_group(name), self.path, self.text_key, self.characters)
+        return self._open
+
+    def write_split(self, name: str, stories: Iterable[Story]) -> int:
+        """Write a whole split from any iterable (a generator is consumed lazily); returns the count."""
+        writer = self.split(name)
+        for story in stories:
+            writer.add(story)
+        writer.close()
+        return writer.n
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
+
+
+def write_hdf5(
+    path: str | os.PathLike,
+    fill: Callable[[HDF5Writer], None],
+    *,
+    text_key: str = "text",
+    characters: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a story file in the ARLDM layout: ``fill(writer)`` adds the splits and stories.
+
+    Written atomically (a temporary file beside `path`, renamed onto it once `fill` returns; an exception
+    from `fill` leaves nothing behind). File attributes: format name/version, ``text_key``, ``characters``
+    (JSON list, when given) and every entry of `attrs` (non-scalars JSON-encoded).
+    """
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["text_key"] = text_key
+            if characters is not None:
+                f.attrs["characters"] = json.dumps(list(characters))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = _attr_value(value)
+            writer = HDF5Writer(f, path, text_key, characters)
+            fill(writer)
+            writer.close()
+
+    return atomic_write(path, write, mode=0o666 & ~_umask())
+
+
+def write_stories_hdf5(
+    path: str | os.PathLike,
+    splits: Mapping[str, Iterable[Story]],
+    text_key: str = "text",
+    *,
+    characters: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``{split: stories}`` in the ARLDM HDF5 layout, atomically, streaming (:func:`write_hdf5`).
+
+    The stories of a split may be any iterable, e.g. a generator: they are encoded and appended in blocks,
+    never all held at once. Frames are encoded with ``cv2.imencode('.png', rgb)`` exactly like ARLDM's
+    converters (channel-swapped on disk), so ARLDM's readers and :class:`HDF5Stories` both get the original
+    RGB back. Also written: ``labels`` ``[N, 5, C]`` float32 when the split's stories have labels (all or
+    none of them must), ``ids`` (story ids) and the file attributes of :func:`write_hdf5`.
+
+    Raises:
+        StoryDataError: a story without exactly 5 frames/captions, a frame that is not ``H x W x 3`` uint8,
+            a caption containing ``|``, labels of the wrong shape, or labels on only some stories.
+    """
+
+    def fill(writer: HDF5Writer) -> None:
+        for split, stories in splits.items():
+            writer.write_split(split, stories)
+
+    return write_hdf5(path, fill, text_key=text_key, characters=characters, attrs=attrs)

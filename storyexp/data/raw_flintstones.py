@@ -47,6 +47,7 @@ import numpy as np
 from storyexp.errors import MissingResourceError
 
 from .frames import FRAME_RULES, pick_frame
+from .registry import DatasetSpec, register
 from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "FLINTSTONES_SPLITS",
     "FlintstonesRawStories",
     "is_flintstones_raw",
+    "SPEC",
 ]
 
 #: Label order of ``labels.pkl`` (StoryDALL-E ``flintstones_dataloader.py`` l.11, VLC-StoryGAN's rule).
@@ -347,3 +349,42 @@ class FlintstonesRawStories(Sequence[Story]):
     def __repr__(self) -> str:
         return (f"FlintstonesRawStories(root={str(self.root)!r}, split={self.split!r}, "
                 f"frame_choice={self.frame_choice!r}, n={len(self)})")
+
+
+class _StoredClips(Sequence):
+    """What the converter stores for FlintstonesSV: each frame is its whole clip, stacked vertically (640 x 128)."""
+
+    def __init__(self, reader: FlintstonesRawStories) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> Story:  # type: ignore[override]
+        story = self.reader[index]
+        story.frames = [np.concatenate(list(self.reader.clip(index, j)), axis=0) for j in range(N_FRAMES)]
+        return story
+
+
+def _open_raw(root: Path, split: str, frame_choice: str = "fixed") -> FlintstonesRawStories:
+    return FlintstonesRawStories(root, split, frame_choice=frame_choice)
+
+
+def _open_stored(root: Path, split: str) -> _StoredClips:
+    return _StoredClips(FlintstonesRawStories(root, split))
+
+
+SPEC = register(
+    DatasetSpec(
+        name="flintstones",
+        title="FlintstonesSV",
+        open_raw=_open_raw,
+        is_raw=is_flintstones_raw,
+        open_stored=_open_stored,
+        frame_height=CLIP_SHAPE[1],
+        text_key="text",
+        characters=FLINTSTONES_CHARACTERS,
+        download="Get StoryDALL-E's FlintstonesSV archive (flintstones_data.zip; README.md, 'Datasets') and point "
+        "the path at the unpacked folder",
+    )
+)

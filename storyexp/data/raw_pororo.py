@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from .frames import FRAME_RULES, pick_frame, split_strip
+from .registry import DatasetSpec, register
 from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "EMBEDDINGS_FILE",
     "FRAME_SIZE",
     "SPLITS",
+    "SPEC",
 ]
 
 #: Order of the 9 label positions (the character-token order of StoryDALL-E's training script).
@@ -332,3 +334,42 @@ class PororoRawStories(Sequence):
             f"PororoRawStories(root={str(self.root)!r}, split={self.split!r}, "
             f"frame_choice={self.frame_choice!r}, n={len(self)})"
         )
+
+
+class _StoredStrips(Sequence):
+    """What the converter stores for PororoSV: the stories with each frame's whole strip (``[128k, 128, 3]``)."""
+
+    def __init__(self, reader: PororoRawStories) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> Story:  # type: ignore[override]
+        story = self.reader[index]
+        story.frames = [self.reader.strip(index, j) for j in range(N_FRAMES)]
+        return story
+
+
+def _open_raw(root: Path, split: str, frame_choice: str = "fixed") -> PororoRawStories:
+    return PororoRawStories(root, split, frame_choice=frame_choice)
+
+
+def _open_stored(root: Path, split: str) -> _StoredStrips:
+    return _StoredStrips(PororoRawStories(root, split))
+
+
+SPEC = register(
+    DatasetSpec(
+        name="pororo",
+        title="PororoSV",
+        open_raw=_open_raw,
+        is_raw=is_pororo_raw,
+        open_stored=_open_stored,
+        frame_height=FRAME_SIZE,
+        text_key="text",
+        characters=PORORO_CHARACTERS,
+        download="Get StoryDALL-E's PororoSV archive (pororo.zip; README.md, 'Datasets') and point the path at "
+        "the unpacked folder",
+    )
+)

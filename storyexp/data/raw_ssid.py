@@ -50,9 +50,10 @@ from PIL import Image, UnidentifiedImageError
 
 from storyexp.errors import MissingResourceError
 
+from .registry import DatasetSpec, register
 from .story import N_FRAMES, Story, StoryDataError
 
-__all__ = ["SSIDRawStories", "is_ssid_raw", "SSID_SPLIT_FILES", "ANNOTATIONS_DIR", "IMAGES_DIR"]
+__all__ = ["SSIDRawStories", "is_ssid_raw", "SSID_SPLIT_FILES", "ANNOTATIONS_DIR", "IMAGES_DIR", "SPEC"]
 
 ANNOTATIONS_DIR = "SSID_Annotations"
 IMAGES_DIR = "SSID_Images"
@@ -249,3 +250,21 @@ class SSIDRawStories(Sequence):
 
     def __repr__(self) -> str:
         return f"SSIDRawStories(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+
+def _open_raw(root: Path, split: str, frame_choice: str = "fixed") -> SSIDRawStories:
+    return SSIDRawStories(root, split)  # one image per caption: nothing to choose
+
+
+SPEC = register(
+    DatasetSpec(
+        name="ssid",
+        title="SSID",
+        open_raw=_open_raw,
+        is_raw=is_ssid_raw,
+        text_key="ssid",  # the caption dataset of ARLDM_SSID's ssid.hdf5
+        characters=(),
+        download="SSID is distributed on IEEE DataPort (Sequential Storytelling Image Dataset; README.md, "
+        "'Datasets'); point the path at the folder holding SSID_Annotations/ and SSID_Images/",
+    )
+)
