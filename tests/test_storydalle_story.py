@@ -13,6 +13,7 @@ from storyexp.models.mindalle.story import (
     sample_story_codes,
 )
 from storyexp.models.mindalle.transformer import Stage2Config
+from storyexp.utils.loading import CheckpointMismatchError
 
 B, L, N, T, S, E = 2, 3, 8, 6, 6, 12
 PAD = 0
@@ -239,14 +240,14 @@ def test_checkpoint_roundtrip_and_listing(tmp_path):
     # a missing key is listed
     broken = dict(ckpt["model_state_dict"])
     del broken["story_block.mlp.0.bias"]
-    with pytest.raises(KeyError, match=r"missing keys \['story_block\.mlp\.0\.bias'\]"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): story_block\.mlp\.0\.bias;"):
         load_storydalle_checkpoint(make_net(), {"model_state_dict": broken})
     # a partial cross-attention set is not excused
     partial = dict(full)
     del partial["cross_attn.1.gate"]
-    with pytest.raises(KeyError, match=r"cross_attn\.1\.gate"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): cross_attn\.1\.gate;"):
         load_storydalle_checkpoint(make_net(), partial)
     # unexpected keys (a --prompt checkpoint into a non-prompt net) are listed
     extra = dict(ckpt["model_state_dict"], **{"wte.weight": torch.zeros(2, 32)})
-    with pytest.raises(KeyError, match=r"unexpected keys \['wte\.weight'\]"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(1\): wte\.weight;"):
         load_storydalle_checkpoint(make_net(), extra)

@@ -15,7 +15,6 @@ from typing import Any
 from storyexp.errors import ConfigurationError, MissingResourceError
 from storyexp.models.arldm.loading import (
     ARLDMComponents,
-    MissingWeightsError,
     build_arldm_from_pretrained,
     build_arldm_from_sizes,
     load_original_arldm_checkpoint,
@@ -45,7 +44,7 @@ def build_arldm(network: dict[str, Any], characters: list[str], max_length: int)
                 new_tokens=characters,
                 **network,
             )
-        except MissingWeightsError as err:
+        except MissingResourceError as err:  # the loader's list of every missing file, with the config's fix added
             raise MissingResourceError(
                 f"Pretrained weights for the AR-LDM model are missing.\n{err}\n"
                 "Put them under the weights directory (README.md, 'Weights') or point model.network.* at them."

@@ -13,6 +13,7 @@ embedding/head grow to match (new rows N(0, 0.02)).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from storyexp.models.mindalle import Stage2Config, StoryDalleNet, load_storydall
 from storyexp.models.mindalle.model import CHECKPOINTS, TOKENIZER_FILES, read_config
 from storyexp.models.mindalle.tokenizer import add_character_tokens, build_tokenizer, vocab_size, word_tokenizer
 from storyexp.models.vqgan import VQGAN, VQGANConfig
+from storyexp.utils.loading import UnreadableFileError, load_file
 
 SOURCES = ("pretrained", "sizes")
 MINDALLE_HINT = (
@@ -78,13 +80,13 @@ def build_storydalle(
     released = network.get("init_from_storydalle")
     if released:
         path = Path(released)
-        if not path.is_file():
-            raise MissingResourceError(
-                "StoryDALL-E checkpoint (model.network.init_from_storydalle)", path,
-                "The released PororoSV checkpoint is linked from the StoryDALL-E README.",
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        load_storydalle_checkpoint(net, state, stage1=stage1)
+        what = "StoryDALL-E checkpoint (model.network.init_from_storydalle)"
+        state = load_file(path, what, how_to_get="The released PororoSV checkpoint is linked from the StoryDALL-E "
+                                                 "README.")
+        if not isinstance(state, Mapping):
+            raise UnreadableFileError(f"{what} {path} holds a {type(state).__name__}, not a state dict; pass the "
+                                      "released StoryDALL-E {epoch}.pth.")
+        load_storydalle_checkpoint(net, state, stage1=stage1, what=f"{what} {path}")
         if net.cfg.vocab_size_txt < vocab_size(tokenizer):
             raise ConfigurationError(
                 f"{path} has {net.cfg.vocab_size_txt} text embedding rows but the tokenizer emits "

@@ -12,18 +12,20 @@ to the tokenizer's size when that is larger (the original resized twice, leaving
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from storyexp.errors import ConfigurationError, MissingResourceError
+from storyexp.errors import ConfigurationError
 from storyexp.models.mega import MegaConfig, MegaDalle
 from storyexp.models.mega.sampling import SAMPLED_VOCAB, START_TOKEN
 from storyexp.models.mega.story import word_tokenizer
 from storyexp.models.vqgan import VQGAN, VQGANConfig
 from storyexp.systems.storydalle_builder import stage1_from_sizes
+from storyexp.utils.loading import UnreadableFileError, load_file
 
 SOURCES = ("pretrained", "sizes")
 VQGAN_HINT = (
@@ -81,10 +83,11 @@ def build_storymega(network: dict[str, Any], story: dict[str, Any], characters: 
 def _taming_encoder(network: dict[str, Any]) -> VQGAN:
     """The taming f16/16384 VQGAN from `last.ckpt` (`state_dict`; the GAN loss's `loss.*` keys are not model)."""
     path = Path(str(network.get("vqgan_encoder")))
-    if not path.is_file():
-        raise MissingResourceError("taming VQGAN checkpoint for the source frame", path, VQGAN_HINT)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
+    what = "taming VQGAN checkpoint for the source frame (model.network.vqgan_encoder)"
+    state = load_file(path, what, how_to_get=VQGAN_HINT)
+    state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping):
+        raise UnreadableFileError(f"{what} {path} holds a {type(state).__name__}, not a state dict; {VQGAN_HINT}")
     vqgan = VQGAN(VQGANConfig.from_dict(dict(network.get("vqgan_config") or {})))
-    vqgan.load_checkpoint_state({k: v for k, v in state.items() if not k.startswith("loss.")})
+    vqgan.load_checkpoint_state({k: v for k, v in state.items() if not k.startswith("loss.")}, f"{what} {path}")
     return vqgan

@@ -11,11 +11,11 @@ from . import arldm_support as S
 from storyexp.models.arldm import (  # noqa: E402
     BlipMultimodalConfig,
     BlipMultimodalEncoder,
-    CheckpointMismatchError,
     load_blip_checkpoint,
     load_original_arldm_checkpoint,
     load_salesforce_blip_state_dict,
 )
+from storyexp.utils.loading import CheckpointMismatchError  # noqa: E402
 
 
 def test_checkpoint_loads_strictly_and_every_tensor_arrives():
@@ -94,7 +94,7 @@ def test_blip_file_has_extra_keys_and_loads_without_resize():
     load_salesforce_blip_state_dict(encoder, state, allow_resize=False)
     S.assert_equal(encoder.vision.embeddings.position_embedding, state["visual_encoder.pos_embed"], "pos_embed")
     broken = {k: v for k, v in state.items() if k != "visual_encoder.blocks.0.attn.qkv.bias"}
-    with pytest.raises(CheckpointMismatchError, match="missing keys:\n *vision.encoder.layers.0.self_attn.qkv.bias"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): vision\.encoder\.layers\.0\.self_attn\.qkv\.bias"):
         load_salesforce_blip_state_dict(encoder, broken)
 
 

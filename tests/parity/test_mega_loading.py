@@ -17,7 +17,8 @@ from tests.conftest import parity_dir
 MEGA = parity_dir() / "mega"
 
 from storyexp.errors import MissingResourceError  # noqa: E402
-from storyexp.models.mega import DalleBartDecoder, MegaCheckpointError, MegaDalle, is_condition_key  # noqa: E402
+from storyexp.models.mega import DalleBartDecoder, MegaDalle, is_condition_key  # noqa: E402
+from storyexp.utils.loading import CheckpointMismatchError  # noqa: E402
 
 FILES = ("encoder.pt", "decoder.pt", "detoker.pt", "vocab.json", "merges.txt")
 
@@ -67,9 +68,8 @@ def test_unexpected_and_missing_keys_are_listed(tmp_path):
     state["layers.0.self_attn.q_proj.bias"] = torch.zeros(state["layers.0.self_attn.q_proj.weight"].shape[0])
     state.pop("final_ln.bias")
     torch.save(state, folder / "encoder.pt")
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         MegaDalle.from_pretrained(folder, attention_heads=heads())
-    assert isinstance(err.value, MegaCheckpointError)
     msg = str(err.value)
     assert "unexpected keys (1)" in msg and "layers.0.self_attn.q_proj.bias" in msg
     assert "missing keys (1)" in msg and "final_ln.bias" in msg
@@ -102,7 +102,7 @@ def test_condition_keys_may_be_missing_only_when_condition_layers_are_built(tmp_
 
     # a file that has the condition keys (a StoryDALL-E checkpoint) fills them; a plain decoder rejects them
     state = _write_deeper_decoder(folder, layers, with_condition_keys=True)
-    with pytest.raises(MegaCheckpointError, match=r"unexpected keys[\s\S]*condition_attn\.q_proj\.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys[\s\S]*condition_attn\.q_proj\.weight"):
         MegaDalle.from_pretrained(folder, attention_heads=heads())
     full = MegaDalle.from_pretrained(folder, attention_heads=heads(), condition_layers=True)
     own = full.decoder.state_dict()

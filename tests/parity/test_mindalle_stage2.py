@@ -27,6 +27,7 @@ from storyexp.models.mindalle import (  # noqa: E402
     positions_1d,
     sample_codes,
 )
+from storyexp.utils.loading import CheckpointMismatchError  # noqa: E402
 
 # README section 3.
 LOGITS_ATOL = 1e-4
@@ -88,7 +89,7 @@ def test_strict_loading_reports_missing_and_unexpected():
     assert "blocks.0.attn.mask" not in state  # non-persistent buffer
     state.pop("ln_f.bias")
     state["bogus.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         Transformer1d(model().cfg).load_checkpoint({"state_dict": state})
     assert "ln_f.bias" in str(err.value) and "bogus.weight" in str(err.value)
 

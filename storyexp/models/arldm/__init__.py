@@ -22,12 +22,10 @@ from .clip import build_clip_text_encoder, extend_position_embeddings, load_clip
 from .context import assemble_context, block_causal_mask, context_mask, keep_mask, unconditional_mask
 from .loading import (
     ARLDMComponents,
-    MissingWeightsError,
     build_arldm_from_pretrained,
     build_arldm_from_sizes,
     load_original_arldm_checkpoint,
 )
-from .state_dicts import CheckpointMismatchError
 from .model import ARLDM, TrainingStepOutput, masked_unet_forward, to_uint8_images
 from .tokenizers import (
     add_character_tokens,
@@ -43,9 +41,7 @@ __all__ = [
     "ARLDM",
     "ARLDMComponents",
     "BlipMultimodalConfig",
-    "CheckpointMismatchError",
     "BlipMultimodalEncoder",
-    "MissingWeightsError",
     "PixelAutoencoder",
     "TrainingStepOutput",
     "add_character_tokens",

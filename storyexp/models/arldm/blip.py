@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from .state_dicts import check_state_dict
+from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
 
 # BLIP normalises its input with the CLIP statistics (not ImageNet's).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -325,6 +325,7 @@ def load_salesforce_blip_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     allow_resize: bool = True,
     generator: torch.Generator | None = None,
+    what: str = "BLIP checkpoint",
 ) -> None:
     """Fill ``module`` from a Salesforce BLIP state dict (``visual_encoder.*``, ``text_encoder.*``).
 
@@ -332,24 +333,25 @@ def load_salesforce_blip_state_dict(
     are ignored; every parameter of ``module`` must be present (BLIP's loader is non-strict; we are not).
     """
     mapped = map_salesforce_blip_state_dict(module, state_dict, allow_resize=allow_resize, generator=generator)
-    check_state_dict(module.state_dict(), mapped, "BLIP checkpoint")
+    check_state_dict(module.state_dict(), mapped, what,
+                     hint="use BLIP's model_large.pth (ViT-L) or set model.network.blip_* to the checkpoint's sizes")
     module.load_state_dict(mapped, strict=True)
 
 
-def load_blip_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+def load_blip_checkpoint(
+    path: str | Path, what: str = "BLIP checkpoint (model.network.blip_checkpoint)"
+) -> dict[str, torch.Tensor]:
     """Read a Salesforce BLIP checkpoint (``model_large.pth``: a dict whose ``'model'`` is the state dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"BLIP checkpoint not found: {path}. AR-LDM uses BLIP ViT-L pre-training weights; download "
-            f"{BLIP_LARGE_URL} and pass its path."
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, Mapping) and "model" in ckpt:
+    ckpt = load_file(path, what, how_to_get=f"AR-LDM uses BLIP ViT-L pre-training weights; download {BLIP_LARGE_URL} "
+                                            "and pass its path.")
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         return dict(ckpt["model"])
-    if isinstance(ckpt, Mapping) and any(k.startswith("visual_encoder.") for k in ckpt):
+    if isinstance(ckpt, Mapping) and any(str(k).startswith("visual_encoder.") for k in ckpt):
         return dict(ckpt)
-    raise ValueError(f"{path}: not a BLIP checkpoint (expected a dict with a 'model' state dict)")
+    raise UnreadableFileError(
+        f"{what} {path} is not a BLIP checkpoint (expected a dict with a 'model' state dict); download "
+        f"{BLIP_LARGE_URL}."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

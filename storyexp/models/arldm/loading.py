@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from storyexp.errors import MissingResourceError
+from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
+
 from .autoencoder import PixelAutoencoder
 from .blip import (
     BLIP_LARGE_URL,
@@ -38,7 +41,6 @@ from .clip import (
     resize_token_embeddings,
 )
 from .model import ARLDM, SD_NOISE_SCHEDULER
-from .state_dicts import check_state_dict
 from .tokenizers import (
     add_character_tokens,
     load_blip_tokenizer,
@@ -50,10 +52,6 @@ from .tokenizers import (
 
 SD_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # formerly runwayml/stable-diffusion-v1-5
 BERT_HUB_ID = "bert-base-uncased"
-
-
-class MissingWeightsError(FileNotFoundError):
-    """One error listing every file a build needs but cannot find."""
 
 
 @dataclasses.dataclass
@@ -154,8 +152,9 @@ def _resolve(
 
 
 def _raise_if_problems(problems: list[str]) -> None:
+    """One MissingResourceError listing every file a build needs but cannot find."""
     if problems:
-        raise MissingWeightsError("cannot build AR-LDM, files are missing:\n  " + "\n  ".join(problems))
+        raise MissingResourceError("cannot build AR-LDM, files are missing:\n  " + "\n  ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +245,8 @@ def build_arldm_from_pretrained(
         blip_config / blip_med_config + blip_vision: BLIP sizes (default: published ViT-L + BERT-base).
         new_rows_init: "original" (N(0,1) CLIP rows, N(0,0.02) BERT rows) or "mean" (CLIP rows = mean row).
 
-    Raises :class:`MissingWeightsError` once, listing every missing file with where it was expected.
+    Raises :class:`storyexp.errors.MissingResourceError` once, listing every missing file with where it was
+    expected.
     """
     problems: list[str] = []
     sd_hint, bert_hint = f"the Hugging Face repository {SD_HUB_ID}", f"the Hugging Face repository {BERT_HUB_ID}"
@@ -272,7 +272,8 @@ def build_arldm_from_pretrained(
     config.vocab_size = len(blip_tokenizer)
     config.enc_token_id = blip_tokenizer.enc_token_id
     mm_encoder = BlipMultimodalEncoder(config)
-    load_salesforce_blip_state_dict(mm_encoder, load_blip_checkpoint(blip_path), generator=generator)
+    load_salesforce_blip_state_dict(mm_encoder, load_blip_checkpoint(blip_path), generator=generator,
+                                    what=f"BLIP checkpoint {blip_path}")
 
     vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"))
     unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
@@ -431,17 +432,18 @@ def map_original_arldm_state_dict(model: ARLDM, state_dict: Mapping[str, torch.T
 def load_original_arldm_checkpoint(model: ARLDM, path: str | os.PathLike) -> dict:
     """Load the original AR-LDM Lightning checkpoint (``state_dict`` in its naming) into ``model``, strictly.
 
-    Any missing or unexpected key, or shape mismatch, raises one error that lists them. Returns the other
-    top-level entries of the checkpoint (epoch, global_step, ...).
+    Any missing or unexpected key, or shape mismatch, raises one ``CheckpointMismatchError`` (one line) counting them
+    and naming the first ones. Returns the other top-level entries of the checkpoint (epoch, global_step, ...).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"AR-LDM checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    what = "AR-LDM checkpoint (model.network.init_from_original)"
+    ckpt = load_file(path, what, how_to_get="Pass a Lightning .ckpt written by the original AR-LDM code.")
     state_dict = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{path}: not an AR-LDM checkpoint (expected a dict with 'state_dict')")
+        raise UnreadableFileError(f"{what} {path} is not an AR-LDM checkpoint (expected a dict with 'state_dict').")
     mapped = map_original_arldm_state_dict(model, state_dict)
-    check_state_dict(model.state_dict(), mapped, f"AR-LDM checkpoint {path}")
+    check_state_dict(model.state_dict(), mapped, f"{what} {path}",
+                     hint="build the model with the sizes, characters and caption length the checkpoint was trained "
+                          "with")
     model.load_state_dict(mapped, strict=True)
     return {k: v for k, v in ckpt.items() if k != "state_dict"} if "state_dict" in ckpt else {}

@@ -7,7 +7,7 @@ from .decoder import DalleBartDecoder, DecoderCache, condition_layer_flags
 from .detokenizer import DetokenizerConfig, VQGanDetokenizer
 from .encoder import DalleBartEncoder
 from .layers import GLU, DecoderLayer, EncoderLayer, MegaAttention
-from .loading import MegaCheckpointError, load_checked, resolve_files
+from .loading import load_checked, resolve_files
 from .model import MegaDalle, is_condition_key, unconditional_ids
 from .sampling import START_TOKEN, sample_image_tokens, step_weights, supercondition, topk_weights
 from .tokenizer import MegaTokenizer
@@ -22,7 +22,6 @@ __all__ = [
     "DetokenizerConfig",
     "EncoderLayer",
     "MegaAttention",
-    "MegaCheckpointError",
     "MegaConfig",
     "MegaDalle",
     "MegaTokenizer",

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 
 from storyexp.errors import ConfigurationError
+from storyexp.utils.loading import CheckpointMismatchError
 
-from .loading import MegaCheckpointError, layer_count
+from .loading import layer_count
 
 HEAD_DIM = 64
 
@@ -34,25 +35,38 @@ class MegaConfig:
 
     @classmethod
     def from_state_dicts(cls, encoder: Mapping[str, Tensor], decoder: Mapping[str, Tensor],
-                         attention_heads: int | None = None) -> "MegaConfig":  # fmt: skip
-        try:
-            text_rows, dim = encoder["embed_tokens.weight"].shape
-            image_rows, dec_dim = decoder["embed_tokens.weight"].shape
-            cfg = cls(
-                encoder_layers=layer_count(encoder),
-                decoder_layers=layer_count(decoder),
-                embed_count=int(dim),
-                glu_embed_count=int(encoder["layers.0.glu.fc0.weight"].shape[0]),
-                attention_head_count=int(attention_heads or dim // HEAD_DIM),
-                text_vocab_count=int(text_rows),
-                text_token_count=int(encoder["embed_positions.weight"].shape[0]),
-                image_vocab_count=int(image_rows) - 1,
-                image_token_count=int(decoder["embed_positions.weight"].shape[0]),
-            )
-        except KeyError as err:
-            raise MegaCheckpointError(f"cannot read the model sizes: key {err} is missing") from None
+                         attention_heads: int | None = None, encoder_source: str = "encoder state dict",
+                         decoder_source: str = "decoder state dict") -> "MegaConfig":  # fmt: skip
+        """Sizes from the tensors; `*_source` name the files in the CheckpointMismatchError a bad file raises."""
+        needed = (
+            (encoder, encoder_source, ("embed_tokens.weight", "embed_positions.weight", "layers.0.glu.fc0.weight")),
+            (decoder, decoder_source, ("embed_tokens.weight", "embed_positions.weight")),
+        )
+        for state, source, keys in needed:
+            absent = [k for k in keys if k not in state]
+            if absent:
+                raise CheckpointMismatchError(
+                    f"{source} lacks {', '.join(absent)}, needed to read the model sizes; pass min-dalle's converted "
+                    "encoder.pt / decoder.pt."
+                )
+        text_rows, dim = encoder["embed_tokens.weight"].shape
+        image_rows, dec_dim = decoder["embed_tokens.weight"].shape
+        cfg = cls(
+            encoder_layers=layer_count(encoder, source=encoder_source),
+            decoder_layers=layer_count(decoder, source=decoder_source),
+            embed_count=int(dim),
+            glu_embed_count=int(encoder["layers.0.glu.fc0.weight"].shape[0]),
+            attention_head_count=int(attention_heads or dim // HEAD_DIM),
+            text_vocab_count=int(text_rows),
+            text_token_count=int(encoder["embed_positions.weight"].shape[0]),
+            image_vocab_count=int(image_rows) - 1,
+            image_token_count=int(decoder["embed_positions.weight"].shape[0]),
+        )
         if dec_dim != dim:
-            raise MegaCheckpointError(f"encoder width {dim} != decoder width {dec_dim}")
+            raise CheckpointMismatchError(
+                f"{encoder_source} (width {dim}) and {decoder_source} (width {dec_dim}) are not one model; pass the "
+                "encoder.pt and decoder.pt of the same min-dalle model."
+            )
         if cfg.attention_head_count < 1 or dim % cfg.attention_head_count:
             raise ConfigurationError(f"{cfg.attention_head_count} attention heads do not divide d_model {dim}")
         return cfg

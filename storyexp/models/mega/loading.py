@@ -9,7 +9,8 @@ Accepted layouts, first complete one wins (the one with the most files present i
 
 The files are flat float16 state dicts whose tensors may be non-contiguous, overlapping views (the converter saved
 transposed views and slices; see the parity README); they are cast and copied into the module's own parameters,
-so nothing depends on their strides. Keys are checked both ways before anything is copied.
+so nothing depends on their strides. Keys are checked both ways before anything is copied
+(`storyexp.utils.loading.check_state_dict`); the files are read with `storyexp.utils.loading.load_file`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from storyexp.errors import MissingResourceError, StoryexpError
+from storyexp.errors import MissingResourceError
+from storyexp.utils.loading import CheckpointMismatchError, UnreadableFileError, check_state_dict, load_file
 
 ROLES = ("encoder", "decoder", "detokenizer", "vocab", "merges")
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -41,13 +43,6 @@ HOW_TO_GET = (
 )
 
 
-class MegaCheckpointError(StoryexpError, KeyError):
-    """A state dict does not fit the module: every missing / unexpected key and shape mismatch is listed."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
-
-
 def resolve_files(folder: str | Path) -> dict[str, Path]:
     """Paths of the five files in the first complete layout, or MissingResourceError naming what is missing."""
     folder = Path(folder)
@@ -62,18 +57,25 @@ def resolve_files(folder: str | Path) -> dict[str, Path]:
     raise MissingResourceError(f"DALL-E Mega files ({best} layout) {', '.join(missing)}", folder, HOW_TO_GET)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def read_state_dict(path: Path, what: str = "min-dalle file") -> dict[str, torch.Tensor]:
+    """A flat `{name: tensor}` file (min-dalle's converted format), read with `load_file`."""
+    state = load_file(path, what, how_to_get=HOW_TO_GET)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MegaCheckpointError(f"{path}: expected a flat dict of tensors (min-dalle's converted format)")
+        raise UnreadableFileError(
+            f"{what} {path} is not a flat dict of tensors (min-dalle's converted format); use the files from "
+            "https://huggingface.co/kuprel/min-dalle unchanged."
+        )
     return dict(state)
 
 
-def layer_count(state: Mapping[str, torch.Tensor], prefix: str = "layers.") -> int:
-    """Number of `layers.<l>.` blocks; they must be numbered 0..n-1."""
+def layer_count(state: Mapping[str, torch.Tensor], prefix: str = "layers.", source: str | Path = "state dict") -> int:
+    """Number of `layers.<l>.` blocks; they must be numbered 0..n-1 (else CheckpointMismatchError naming `source`)."""
     ids = {int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)}
     if ids != set(range(len(ids))):
-        raise MegaCheckpointError(f"layer indices {sorted(ids)} are not 0..{len(ids) - 1}")
+        raise CheckpointMismatchError(
+            f"{source}: layer indices {sorted(ids)} are not 0..{len(ids) - 1}; the file is incomplete or not "
+            "min-dalle's converted format."
+        )
     return len(ids)
 
 
@@ -87,23 +89,12 @@ def load_checked(
 
     Missing keys for which `may_be_missing(key)` holds keep the module's initial values (StoryDALL-E's condition
     layers, absent from the released files); any other missing key, any unexpected key and any shape mismatch
-    raises MegaCheckpointError listing them all.
+    raises one CheckpointMismatchError counting them (`check_state_dict`).
     """
     own = module.state_dict()
-    missing = sorted(k for k in own if k not in state and not may_be_missing(k))
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own.keys() & state.keys()
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match {type(module).__name__}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items)
-        raise MegaCheckpointError("\n".join(lines))
+    check_state_dict(own, state, f"min-dalle file {source} ({type(module).__name__})", ignore_missing=may_be_missing,
+                     hint="use min-dalle's converted files, unchanged, or build the model with the options the "
+                          "file was written with (condition_layers)")
     with torch.no_grad():
         for key, target in own.items():
             if key in state:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from storyexp.utils.loading import CheckpointMismatchError
+
 from .config import MegaConfig
 from .decoder import DalleBartDecoder
 from .detokenizer import DetokenizerConfig, VQGanDetokenizer
@@ -70,16 +72,26 @@ class MegaDalle(nn.Module):
         """Build from min-dalle's files (flat in `folder`, or min-dalle's `models_root` layout; see `loading.py`),
         load every tensor into `dtype` modules and return the model in eval mode.
 
-        Raises MissingResourceError when files are missing, MegaCheckpointError (a KeyError) listing missing /
-        unexpected keys; only the condition-layer keys may be missing, and only when `condition_layers` is set.
+        Raises MissingResourceError when files are missing, UnsafeFileError / UnreadableFileError for a file that
+        is not a flat dict of tensors, CheckpointMismatchError (one line) counting missing / unexpected keys and
+        shape mismatches; only the condition-layer keys may be missing, and only when `condition_layers` is set.
         """
         files = resolve_files(folder)
-        encoder_sd = read_state_dict(files["encoder"])
-        decoder_sd = read_state_dict(files["decoder"])
-        detoker_sd = read_state_dict(files["detokenizer"])
-        config = MegaConfig.from_state_dicts(encoder_sd, decoder_sd, attention_heads)
+        encoder_sd = read_state_dict(files["encoder"], "min-dalle encoder")
+        decoder_sd = read_state_dict(files["decoder"], "min-dalle decoder")
+        detoker_sd = read_state_dict(files["detokenizer"], "min-dalle detokenizer")
+        config = MegaConfig.from_state_dicts(encoder_sd, decoder_sd, attention_heads,
+                                             encoder_source=f"min-dalle encoder {files['encoder']}",
+                                             decoder_source=f"min-dalle decoder {files['decoder']}")  # fmt: skip
         tokenizer = MegaTokenizer.from_files(files["vocab"], files["merges"])
-        model = cls(config, tokenizer, DetokenizerConfig.from_state_dict(detoker_sd),
+        try:
+            detoker_config = DetokenizerConfig.from_state_dict(detoker_sd)
+        except (KeyError, IndexError, ValueError) as err:
+            raise CheckpointMismatchError(
+                f"min-dalle detokenizer {files['detokenizer']} lacks the VQGAN decoder layout needed to read its sizes "
+                f"({type(err).__name__}: {err}); pass min-dalle's vqgan/detoker.pt."
+            ) from None
+        model = cls(config, tokenizer, detoker_config,
                     condition_layers=condition_layers, gate_init=gate_init).to(dtype)  # fmt: skip
         load_checked(model.encoder, encoder_sd, files["encoder"])
         load_checked(model.decoder, decoder_sd, files["decoder"], may_be_missing=is_condition_key)

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from storyexp.models.draws import Generators, multinomial
+
 from .decoder import DalleBartDecoder
 
 START_TOKEN = 2**14 - 1
@@ -60,7 +62,7 @@ def sample_image_tokens(
     top_k: int = 256,
     temperature: float = 1.0,
     supercondition_factor: float = 16.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     num_tokens: int | None = None,
     start_token: int = START_TOKEN,
     sampled_vocab: int = SAMPLED_VOCAB,
@@ -75,7 +77,8 @@ def sample_image_tokens(
     condition_state [2B, S', D] / condition_mask [2B, S'] (optional) feed the condition layers.
     start_token / sampled_vocab: the first decoder input and how many codebook columns can be drawn (min-dalle:
     16383 / 2^14; a model with another codebook, e.g. the demo's, passes its own).
-    generator: for `torch.multinomial`; None draws from torch's global generator (as the original does).
+    generator: for `torch.multinomial`; None draws from torch's global generator (as the original does); a list of
+      generators draws each contiguous group of rows (one story's) from its own (`storyexp.models.draws`).
     teacher_tokens [B, >= num_tokens]: feed these instead of drawing (no RNG is consumed), to replay a run.
     on_step(step, logits, weights) is called after every step (e.g. to record what the sampler saw).
     """
@@ -97,6 +100,6 @@ def sample_image_tokens(
         if teacher_tokens is not None:
             prev = teacher_tokens[:, step : step + 1].to(encoder_state.device)
         else:
-            prev = torch.multinomial(weights, 1, generator=generator)
+            prev = multinomial(weights, 1, generator=generator)
         tokens.append(prev)
     return torch.cat(tokens, dim=1)

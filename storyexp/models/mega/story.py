@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from storyexp.models.draws import Generators
 from storyexp.models.story_frames import sample_story_frames
 
 from .model import MegaDalle, unconditional_ids
@@ -83,7 +84,7 @@ def story_loss(model: MegaDalle, texts: Tensor, images: Tensor, source_codes: Te
 @torch.no_grad()
 def sample_story(model: MegaDalle, texts: Tensor, source_codes: Tensor | None, *, start_token: int,
                  sampled_vocab: int, top_k: int, temperature: float = 1.0, supercondition_factor: float = 1.0,
-                 generator: torch.Generator | None = None, chain: bool = False) -> Tensor:
+                 generator: Generators = None, chain: bool = False) -> Tensor:
     """Codes [B, L, T] for texts [B, L, N]; see `storyexp.models.story_frames` for the frame order."""
     B, L, N = texts.shape
 

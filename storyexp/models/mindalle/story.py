@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from storyexp.models.draws import Generators, multinomial
 from storyexp.models.story_frames import sample_story_frames
+from storyexp.utils.loading import check_state_dict
 
 from .sampling import next_code_probs
 from .transformer import AttentionProjections, Block, KVCache, Stage2Config, Transformer1d
@@ -308,7 +310,7 @@ class StoryDalleNet(nn.Module):
         top_k: int | None,
         top_p: float | None,
         temperature: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         num_codes: int | None = None,
         use_cache: bool = True,
         chain: bool = False,
@@ -317,7 +319,7 @@ class StoryDalleNet(nn.Module):
 
         Frame order (`storyexp.models.story_frames`): with `source_codes` all L frames attend to it and are drawn
         in parallel as the original does (one `torch.multinomial` over the [B*L, V] step distribution per code,
-        so seeded codes match it); `source_codes=None` (visualization) draws frame 0 from its text alone and uses
+        so seeded codes match it; a list of B generators draws each story's rows from its own, `models.draws`); `source_codes=None` (visualization) draws frame 0 from its text alone and uses
         it as the source of the others; `chain=True` makes frame i attend to the generated frame i-1.
 
         The story block is causal over frames, so a frame's story token is the same whether the frames are drawn
@@ -350,7 +352,7 @@ class StoryDalleNet(nn.Module):
         top_k: int | None,
         top_p: float | None,
         temperature: float,
-        generator: torch.Generator | None,
+        generator: Generators,
         use_cache: bool,
     ) -> Tensor:
         """prompt [M, P, D], texts [M, N], src [M, S, D] or None -> codes [M, n_codes]; temperature -> top-k ->
@@ -370,7 +372,7 @@ class StoryDalleNet(nn.Module):
                     images=codes[:, -1:], src=src, start=first + t, first_img_pred=first, past=past
                 )
             probs = next_code_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-            idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+            idx = multinomial(probs, 1, replacement=True, generator=generator)
             codes = torch.cat([codes, idx], dim=1)
         return codes
 
@@ -388,6 +390,7 @@ def load_storydalle_checkpoint(
     *,
     stage1: nn.Module | None = None,
     allow_missing_cross_attn: bool = True,
+    what: str = "StoryDALL-E checkpoint",
 ) -> dict[str, Tensor]:
     """Strictly load the released layout (`{'model_state_dict': ...}`, `{'state_dict': ...}` or the bare mapping).
 
@@ -396,7 +399,8 @@ def load_storydalle_checkpoint(
       stripped either way.
     - The released files hold no cross-attention keys (the original never registered them): when the checkpoint has
       no `cross_attn.*` key at all and `allow_missing_cross_attn`, those layers keep their init (zero gate: inert).
-    - Any other missing or unexpected key raises KeyError listing them all; shape mismatches raise too.
+    - Any other missing or unexpected key, or a shape mismatch, raises one `CheckpointMismatchError` (`what` names
+      the file) counting them and naming the first ones.
     """
     for wrapper in ("model_state_dict", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
@@ -406,19 +410,17 @@ def load_storydalle_checkpoint(
     state = {k: v for k, v in state_dict.items() if not k.startswith("stage1.")}
 
     emb_key = "stage2.tok_emb_txt.weight"
-    if emb_key in state and state[emb_key].shape[0] != net.cfg.vocab_size_txt:
+    if emb_key in state and hasattr(state[emb_key], "shape") and state[emb_key].shape[0] != net.cfg.vocab_size_txt:
         net._set_text_vocab(int(state[emb_key].shape[0]))
 
-    own = set(net.state_dict().keys())
-    missing = sorted(own - set(state))
-    if allow_missing_cross_attn and not any(k.startswith("cross_attn.") for k in state):
-        missing = [k for k in missing if not k.startswith("cross_attn.")]
-    unexpected = sorted(set(state) - own)
-    if missing or unexpected:
-        raise KeyError(
-            f"StoryDALL-E checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}"
-        )
-    net.load_state_dict(state, strict=False)  # keys checked above; size mismatches still raise
+    excuse_cross_attn = allow_missing_cross_attn and not any(k.startswith("cross_attn.") for k in state)
+    check_state_dict(net.state_dict(), state, what,
+                     ignore_missing=lambda key: excuse_cross_attn and key.startswith("cross_attn."),
+                     hint="use a checkpoint trained with the configured story options (prompt, condition, "
+                          "story_len, sizes) or change those options to the checkpoint's")
+    net.load_state_dict(state, strict=False)  # keys and shapes checked above; only the excused keys are absent
     if stage1 is not None:
+        check_state_dict(stage1.state_dict(), stage1_state, f"{what} (its stage1.* VQGAN keys)",
+                         hint="use the stage-1 VQGAN sizes the checkpoint was trained with")
         stage1.load_state_dict(stage1_state, strict=True)
     return stage1_state

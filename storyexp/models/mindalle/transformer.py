@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
+
 # One (key, value) pair per layer, each [B, n_heads, cached_len, head_dim].
 KVCache = list[tuple[Tensor, Tensor]]
 
@@ -162,20 +164,26 @@ class Transformer1d(nn.Module):
             nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ loading
-    def load_checkpoint(self, path_or_state: str | Path | Mapping[str, Any]) -> "Transformer1d":
-        """Strictly load `{'state_dict': ...}` (or a bare state dict); raise listing every missing/unexpected key."""
+    def load_checkpoint(self, path_or_state: str | Path | Mapping[str, Any],
+                        what: str = "minDALL-E stage-2 checkpoint") -> "Transformer1d":
+        """Strictly load `{'state_dict': ...}` (or a bare state dict) from a file or a mapping.
+
+        Raises one `CheckpointMismatchError` counting every missing / unexpected key and shape mismatch.
+        """
         state = path_or_state
         if isinstance(state, (str, Path)):
-            state = torch.load(state, map_location="cpu", weights_only=True)
+            path = state
+            state = load_file(path, what, how_to_get="Expected minDALL-E's stage2_last.ckpt.")
+            what = f"{what} {path}"
+            if not isinstance(state, Mapping):
+                raise UnreadableFileError(f"{what} holds a {type(state).__name__}, not a state dict "
+                                          "({'state_dict': ...}); pass a minDALL-E stage-2 checkpoint.")
         if "state_dict" in state:
             state = state["state_dict"]
-        own = set(self.state_dict().keys())
-        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-        if missing or unexpected:
-            raise KeyError(
-                f"Transformer1d checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}"
-            )
-        self.load_state_dict(state, strict=True)  # also checks shapes
+        check_state_dict(self.state_dict(), state, what,
+                         hint="use the stage-2 checkpoint that belongs to the configured sizes (or the sizes that "
+                              "belong to the checkpoint)")
+        self.load_state_dict(state, strict=True)
         return self
 
     @classmethod

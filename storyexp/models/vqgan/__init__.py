@@ -2,7 +2,7 @@
 
 from .config import VQGANConfig, VQGANHParams
 from .layers import AttnBlock, Decoder, Encoder, ResnetBlock
-from .model import VQGAN, VQGANCheckpointError
+from .model import VQGAN
 from .quantize import VectorQuantizer
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "Decoder",
     "Encoder",
     "ResnetBlock",
-    "VQGANCheckpointError",
     "VQGANConfig",
     "VQGANHParams",
     "VectorQuantizer",

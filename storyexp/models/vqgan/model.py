@@ -15,15 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from storyexp.errors import MissingResourceError, StoryexpError
+from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
 
 from .config import VQGANConfig
 from .layers import Decoder, Encoder
 from .quantize import VectorQuantizer
-
-
-class VQGANCheckpointError(StoryexpError, RuntimeError):
-    """A state dict does not fit the model: lists every missing / unexpected key and shape mismatch."""
 
 
 class VQGAN(nn.Module):
@@ -73,39 +69,27 @@ class VQGAN(nn.Module):
         return self.decode(self.encode(x))
 
     # ------------------------------------------------------------------ loading
-    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor], what: str = "VQGAN checkpoint") -> None:
         """Strictly load a VQGAN state dict with the original key names (or a ``{'state_dict': ...}`` wrapper).
 
-        Raises :class:`VQGANCheckpointError` listing all missing/unexpected keys and shape mismatches at once,
-        rather than torch's first-error behaviour, so a wrong checkpoint is diagnosed in one go.
+        Raises :class:`storyexp.utils.loading.CheckpointMismatchError` (one line; ``what`` names the file) counting
+        the missing / unexpected keys and shape mismatches, rather than torch's first-error behaviour, so a wrong
+        checkpoint is diagnosed in one go.
         """
         if "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in set(own) & set(state)
-            if tuple(state[k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or shapes:
-            lines = ["VQGAN checkpoint does not match the model built from the config:"]
-            sections = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-            for title, items in sections:
-                if items:
-                    lines.append(f"  {title} ({len(items)}):")
-                    lines.extend(f"    {item}" for item in items)
-            raise VQGANCheckpointError("\n".join(lines))
+        check_state_dict(self.state_dict(), state, what,
+                         hint="use the VQGAN checkpoint that belongs to the configured stage-1 sizes (or the "
+                              "sizes that belong to the checkpoint)")
         self.load_state_dict(state, strict=True)
 
     @classmethod
     def from_ckpt(cls, path: str | Path, config: VQGANConfig) -> VQGAN:
         """Build from ``config``, strictly load ``path`` (``{'state_dict': ...}``), return it in eval mode."""
-        path = Path(path)
-        if not path.is_file():
-            raise MissingResourceError("VQGAN checkpoint", path, "Expected minDALL-E's stage1_last.ckpt.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path, "VQGAN checkpoint", how_to_get="Expected minDALL-E's stage1_last.ckpt.")
+        if not isinstance(state, Mapping):
+            raise UnreadableFileError(f"VQGAN checkpoint {path} holds a {type(state).__name__}, not a state dict "
+                                      "({'state_dict': ...}); pass a taming / minDALL-E stage-1 checkpoint.")
         model = cls(config)
-        model.load_checkpoint_state(state)
+        model.load_checkpoint_state(state, f"VQGAN checkpoint {path}")
         return model.eval()
