@@ -9,12 +9,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
+from storyexp.errors import MissingResourceError
+from storyexp.utils.loading import CheckpointMismatchError
+
 from storyexp.models.arldm import (
     ARLDM,
     BlipMultimodalConfig,
     BlipMultimodalEncoder,
-    CheckpointMismatchError,
-    MissingWeightsError,
     PixelAutoencoder,
     add_character_tokens,
     blip_preprocess,
@@ -218,27 +219,41 @@ def test_mask_dropping_attention_processor_is_refused(tiny):
 
 @pytest.mark.parametrize("v", [4, 5], ids=["continuation", "visualization"])
 def test_sample_returns_uint8_images(tiny, v):
+    model = tiny.model
     batch = _batch(tiny, TEXTS, v)
     del batch["images"]
-    trace = {}
-    images = tiny.model.sample(
-        **batch, scheduler=DDIMScheduler(), num_inference_steps=2, guidance_scale=3.0, height=SIZE, width=SIZE,
-        generator=torch.Generator().manual_seed(0), trace=trace,
-    )
+    steps = 2
+    calls = []  # (context, blocked) of every UNet call, seen by a standard forward pre-hook
+
+    def hook(module, args, kwargs):
+        calls.append((args[2], kwargs["encoder_attention_mask"] == 0))  # diffusers' keep-mask -> True = blocked
+
+    handle = model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        images = model.sample(
+            **batch, scheduler=DDIMScheduler(), num_inference_steps=steps, guidance_scale=3.0, height=SIZE,
+            width=SIZE, generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        handle.remove()
     assert images.dtype == torch.uint8 and images.shape == (1, v, SIZE, SIZE, 3)
+    assert len(calls) == v * steps
     # the masks are the initial ones of each target, and the unconditional half of the context never changes
     with torch.no_grad():
-        ctx = tiny.model.sampling_contexts(**batch)
+        ctx = model.sampling_contexts(**batch)
     for i in range(v):
-        mask = torch.cat([ctx["uncond_mask"][:, i], ctx["cond_mask"][:, i]])
-        assert torch.equal(trace[f"frame{i}_encoder_attention_mask"], mask)
-        assert torch.equal(trace[f"frame{i}_encoder_hidden_states"][:1], ctx["uncond"][:, i])
-    # feedback: history slot of frame (i + src_V - V) holds BLIP(generated frame i) + modal[1] + time
+        for context, blocked in calls[i * steps : (i + 1) * steps]:
+            assert torch.equal(blocked, ctx.frame(i)[1])
+            assert torch.equal(context[:1], ctx.uncond[:, i])
+    # feedback: history slot of frame (i + src_V - V) holds BLIP(returned frame i) + modal[1] + time
     offset = SOURCES - v
-    last = trace[f"frame{v - 1}_encoder_hidden_states"][1:]
+    last = calls[-1][0][1:]
     for i in range(v - 1):
         f = i + offset
-        expected = tiny.model.history_update(trace[f"frame{i}_blip_new_embedding"], f)
+        caption, caption_mask = batch["source_caption"][:, f], batch["source_attention_mask"][:, f]
+        with torch.no_grad():
+            new = model.encode_generated(images[:, i], caption, caption_mask)
+            expected = model.history_update(new, f)
         assert torch.allclose(last[:, (1 + f) * S : (2 + f) * S], expected, atol=1e-6)
 
 
@@ -326,9 +341,10 @@ def test_original_checkpoint_round_trip_and_strict_errors(tiny, tmp_path):
     with pytest.raises(CheckpointMismatchError) as err:
         load_original_arldm_checkpoint(fresh, tmp_path / "broken.ckpt")
     message = str(err.value)
-    assert re.search(r"missing keys:\n\s+unet\.conv_in\.bias", message)
-    assert re.search(r"unexpected keys:\n\s+mm_encoder\.itm_head\.weight", message)
-    assert "time_embeddings.weight: checkpoint (9, 32) vs model (5, 32)" in message
+    assert re.search(r"missing keys \(1\): unet\.conv_in\.bias", message)
+    assert re.search(r"unexpected keys \(1\): mm_encoder\.itm_head\.weight", message)
+    assert "time_embeddings.weight (file (9, 32) vs model (5, 32))" in message
+    assert "\n" not in message and str(tmp_path / "broken.ckpt") in message
 
 
 def test_salesforce_blip_loader_resizes_and_checks(tiny):
@@ -360,13 +376,13 @@ def test_missing_pretrained_files_give_one_error(tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text("{}")
     (tmp_path / "bert").mkdir()
-    with pytest.raises(MissingWeightsError) as err:
+    with pytest.raises(MissingResourceError) as err:
         build_arldm_from_pretrained(tmp_path / "sd", tmp_path / "model_large.pth", tmp_path / "bert", local_files_only=True)
     message = str(err.value)
     for expected in ("UNet weights", "VAE config", "CLIP tokenizer vocabulary", "model_large.pth",
                      "BERT tokenizer vocabulary", "storage.googleapis.com"):
         assert expected in message, expected
-    with pytest.raises(MissingWeightsError, match="offline"):
+    with pytest.raises(MissingResourceError, match="offline"):
         build_arldm_from_pretrained("someone/not-cached-model", tmp_path / "model_large.pth", tmp_path / "bert",
                                     local_files_only=True)
 

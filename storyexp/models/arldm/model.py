@@ -72,13 +72,61 @@ class TrainingStepOutput:
     null_source: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingContexts:
+    """Cross-attention inputs of all V targets while sampling: contexts [B, V, L, D], masks [B, V, L] (True = blocked).
+
+    Only ``cond`` changes while sampling: the feedback writes each generated frame into its history
+    (:meth:`with_history`). The unconditional context and both masks stay as built; future frames are hidden by
+    the masks, so their placeholder history never matters.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    cond_mask: torch.Tensor
+    uncond_mask: torch.Tensor
+
+    def frame(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target i's classifier-free-guidance batch: context [2B, L, D] and mask [2B, L], unconditional rows first."""
+        context = torch.cat([self.uncond[:, i], self.cond[:, i]], dim=0)
+        blocked = torch.cat([self.uncond_mask[:, i], self.cond_mask[:, i]], dim=0)
+        return context, blocked
+
+    def with_history(self, slot: int, segment: torch.Tensor) -> SamplingContexts:
+        """A copy whose conditional context holds ``segment`` [B, S, D] in history slot ``slot`` of every target.
+
+        A copy rather than an in-place write, so the contexts a caller holds never change under it.
+        """
+        s = segment.shape[1]
+        cond = self.cond.clone()
+        cond[:, :, (1 + slot) * s : (2 + slot) * s] = segment.unsqueeze(1)
+        return dataclasses.replace(self, cond=cond)
+
+
+def scheduler_step_kwargs(scheduler, eta: float, generator: torch.Generator | None) -> dict:
+    """Extra arguments for ``scheduler.step``: ``eta`` where it takes one (DDIM), and ``generator`` where it draws
+    noise (DDPM, DDIM with eta > 0, ancestral samplers), so that a seeded sample is reproducible."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
 def _rand(shape, generator, device) -> torch.Tensor:
-    """Uniform [0, 1) drawn on the generator's device (so a CPU generator also works for CUDA tensors)."""
+    """Uniform [0, 1) drawn on the generator's device (so a CPU generator also works for CUDA tensors); a list of
+    generators draws row i from generator i (one per story row, like diffusers' `randn_tensor`)."""
+    if isinstance(generator, list):
+        return torch.cat([_rand((1, *shape[1:]), g, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
 def _randint(high, shape, generator, device) -> torch.Tensor:
+    if isinstance(generator, list):
+        return torch.cat([_randint(high, (1, *shape[1:]), g, device) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randint(0, high, shape, generator=generator, device=gen_device).to(device)
 
@@ -347,6 +395,13 @@ class ARLDM(nn.Module):
             )
 
     # ---------------------------------------------------------------- sampling
+    #
+    # ``sample`` is a short composition of the public steps below; a custom loop (or a test) can drive them one
+    # by one and look at every intermediate without the sampler knowing about it.
+
+    @property
+    def _device(self) -> torch.device:
+        return self.modal_type_embeddings.weight.device
 
     def sampling_contexts(
         self,
@@ -355,8 +410,8 @@ class ARLDM(nn.Module):
         source_images: torch.Tensor,
         source_caption: torch.Tensor,
         source_attention_mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Conditional and unconditional contexts [B, V, L, D] and masks [B, V, L] (True = blocked)."""
+    ) -> SamplingContexts:
+        """Conditional and unconditional contexts of all targets before any frame is generated."""
         b, v, s = captions.shape
         src_v = source_images.shape[1]
         n = b * v
@@ -371,39 +426,59 @@ class ARLDM(nn.Module):
         cond_mask = context_mask(attention_mask, source_attention_mask)
         uncond_mask = unconditional_mask(b, v, src_v, s, device=cond.device)
         shape = (b, v) + cond.shape[1:]
-        return dict(
+        return SamplingContexts(
             cond=cond.reshape(shape),
             uncond=uncond.reshape(shape),
             cond_mask=cond_mask.reshape(b, v, -1),
             uncond_mask=uncond_mask.reshape(b, v, -1),
-            source_embeds=source_embeds,
-            null_source=null_source,
         )
 
-    def guided_noise(
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[B, C, h, w] of one frame's latents for images of height x width."""
+        f = self.vae_downsampling
+        if height % f or width % f:
+            raise ValueError(f"height/width must be multiples of the VAE factor {f}, got {height}x{width}")
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
+    def start_latents(
+        self,
+        shape: tuple[int, ...],
+        scheduler,
+        generator: torch.Generator | None = None,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One frame's start latents: ``given`` [B, C, h, w], else N(0, I) of ``shape`` drawn from ``generator``;
+        scaled by ``scheduler.init_noise_sigma`` (1 for DDIM/PNDM, > 1 for the Euler family)."""
+        if given is not None:
+            latents = given.to(device=self._device, dtype=self.unet.dtype)
+        else:
+            latents = randn_tensor(shape, generator=generator, device=self._device, dtype=self.unet.dtype)
+        return latents * scheduler.init_noise_sigma
+
+    def cfg_noise_pred(self, latents: torch.Tensor, t, context: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """UNet output [2B, ...] for [latents; latents] with the CFG batch of :meth:`SamplingContexts.frame`
+        (``context`` [2B, L, D] / ``blocked`` [2B, L], unconditional half first)."""
+        return self.unet_forward(torch.cat([latents, latents], dim=0), t, context, blocked)
+
+    @staticmethod
+    def guide(noise_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance of a [2B, ...] :meth:`cfg_noise_pred` output: ε_u + g (ε_c − ε_u), [B, ...]."""
+        eps_uncond, eps_cond = noise_pred.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def denoising_step(
         self,
         latents: torch.Tensor,
         t,
         context: torch.Tensor,
         blocked: torch.Tensor,
+        scheduler,
         guidance_scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classifier-free guidance. ``context``/``blocked`` are [2B, ...] with the unconditional half first.
-
-        Returns (UNet output for [latents; latents] [2B, ...], guided ε_u + g (ε_c − ε_u) [B, ...]).
-        """
-        model_in = torch.cat([latents, latents], dim=0)
-        out = self.unet_forward(model_in, t, context, blocked)
-        eps_uncond, eps_cond = out.chunk(2)
-        return out, eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-    def history_update(self, new_embeds: torch.Tensor, frame: int) -> torch.Tensor:
-        """What the feedback writes into history slot ``frame``: BLIP states + modal[1] + time[frame]."""
-        return new_embeds + self.modal_type_embeddings.weight[1] + self.time_embeddings.weight[frame]
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final latents -> VAE decoder output (float, about [-1, 1])."""
-        return self.vae.decode((latents / self.latent_scale_factor).to(self.vae_dtype)).sample
+        step_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """One guided scheduler step at timestep ``t``: latents [B, C, h, w] -> the scheduler's ``prev_sample``."""
+        noise_pred = self.cfg_noise_pred(scheduler.scale_model_input(latents, t), t, context, blocked)
+        return scheduler.step(self.guide(noise_pred, guidance_scale), t, latents, **(step_kwargs or {})).prev_sample
 
     def denoise(
         self,
@@ -414,29 +489,41 @@ class ARLDM(nn.Module):
         num_inference_steps: int,
         guidance_scale: float,
         step_kwargs: dict | None = None,
-        record: dict | None = None,
     ) -> torch.Tensor:
         """One frame's guided denoising loop from start latents [B, C, h, w]; returns the final latents.
 
-        ``record`` (optional dict) receives per-step stacks: ``initial_latents``, ``step_timesteps``,
-        ``step_latents_in``, ``step_unet_output``, ``step_guided_noise``, ``step_latents_out``.
+        ``set_timesteps`` is called here, for every frame, because it also resets multistep state (PNDM, DPM).
         """
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        keys = ("step_timesteps", "step_latents_in", "step_unet_output", "step_guided_noise", "step_latents_out")
-        rows: dict[str, list] = {key: [] for key in keys}
-        start = latents
         for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(latents, t)
-            out, guided = self.guided_noise(model_in, t, context, blocked, guidance_scale)
-            new = scheduler.step(guided, t, latents, **(step_kwargs or {})).prev_sample
-            if record is not None:
-                for key, value in zip(rows, (torch.as_tensor(t), latents, out, guided, new)):
-                    rows[key].append(value)
-            latents = new
-        if record is not None:
-            record["initial_latents"] = start
-            record.update({key: torch.stack(values) for key, values in rows.items()})
+            latents = self.denoising_step(latents, t, context, blocked, scheduler, guidance_scale, step_kwargs)
         return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> VAE decoder output (float, about [-1, 1])."""
+        return self.vae.decode((latents / self.latent_scale_factor).to(self.vae_dtype)).sample
+
+    def encode_generated(
+        self,
+        images: torch.Tensor,
+        caption: torch.Tensor,
+        caption_mask: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        blip_resize_backend: str = "pil",
+    ) -> torch.Tensor:
+        """BLIP states [B, S, D] of generated uint8 frames [B, H, W, 3] with the BERT caption [B, S] of their frame.
+
+        This is what the feedback writes into the history (before :meth:`history_update`). ``dtype``: dtype of
+        the BLIP input pixels; ``sample`` uses the context's, the dtype the history is kept in.
+        """
+        pixels = blip_preprocess(
+            images, self.mm_encoder.image_size, device=self._device, dtype=dtype, backend=blip_resize_backend
+        )
+        return self.encode_history(pixels, caption, caption_mask)
+
+    def history_update(self, new_embeds: torch.Tensor, frame: int) -> torch.Tensor:
+        """What the feedback writes into history slot ``frame``: BLIP states + modal[1] + time[frame]."""
+        return new_embeds + self.modal_type_embeddings.weight[1] + self.time_embeddings.weight[frame]
 
     @torch.no_grad()
     def sample(
@@ -455,7 +542,6 @@ class ARLDM(nn.Module):
         blip_resize_backend: str = "pil",
         initial_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        trace: dict | None = None,
     ) -> torch.Tensor:
         """Auto-regressive guided sampling of all V target frames; returns uint8 [B, V, height, width, 3].
 
@@ -469,62 +555,42 @@ class ARLDM(nn.Module):
         resets multistep state); ``eta`` is passed where the scheduler's ``step`` takes it.
         ``initial_latents``: optional [B, V, C, h, w] start latents (else N(0, I) from ``generator``), scaled by
         ``scheduler.init_noise_sigma``. ``blip_resize_backend``: "pil" (the original's resize, exact) or "torch"
-        (see ``blip.blip_resize``). ``trace``: optional dict filled with per-frame intermediates.
-        """
-        b, v, s = captions.shape
-        src_v = source_images.shape[1]
-        offset = src_v - v
-        device = self.modal_type_embeddings.weight.device
-        self._check_lengths(captions, source_caption)
-        f = self.vae_downsampling
-        if height % f or width % f:
-            raise ValueError(f"height/width must be multiples of the VAE factor {f}, got {height}x{width}")
-        latent_shape = (b, self.unet.config.in_channels, height // f, width // f)
+        (see ``blip.blip_resize``).
 
-        ctx = self.sampling_contexts(captions, attention_mask, source_images, source_caption, source_attention_mask)
-        cond, uncond = ctx["cond"].clone(), ctx["uncond"]
-        step_kwargs = {}
-        step_params = inspect.signature(scheduler.step).parameters
-        if "eta" in step_params:
-            step_kwargs["eta"] = eta
-        if "generator" in step_params:  # stochastic samplers (DDPM, DDIM with eta > 0) draw from our generator
-            step_kwargs["generator"] = generator
-        if trace is not None:
-            trace["blip_source_embeddings"] = ctx["source_embeds"]
-            trace["blip_null_embedding"] = ctx["null_source"]
+        The steps (:meth:`sampling_contexts`, :meth:`SamplingContexts.frame`, :meth:`start_latents`,
+        :meth:`denoise`, :meth:`decode_latents`, :meth:`encode_generated`, :meth:`history_update`,
+        :meth:`SamplingContexts.with_history`) are public, for loops that need the intermediates.
+        """
+        b, v = captions.shape[:2]
+        offset = source_images.shape[1] - v  # target i is source frame i + offset
+        self._check_lengths(captions, source_caption)
+        shape = self.latent_shape(b, height, width)
+        contexts = self.sampling_contexts(
+            captions, attention_mask, source_images, source_caption, source_attention_mask
+        )
+        step_kwargs = scheduler_step_kwargs(scheduler, eta, generator)
 
         frames = []
         for i in range(v):
-            context = torch.cat([uncond[:, i], cond[:, i]], dim=0).to(self.unet.dtype)
-            blocked = torch.cat([ctx["uncond_mask"][:, i], ctx["cond_mask"][:, i]], dim=0)
-            if initial_latents is not None:
-                latents = initial_latents[:, i].to(device=device, dtype=self.unet.dtype)
-            else:
-                latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=self.unet.dtype)
-            latents = latents * scheduler.init_noise_sigma
-            steps = {} if trace is not None else None
+            context, blocked = contexts.frame(i)
+            # Start latents are drawn here, frame by frame, between the scheduler draws of the frames: this order
+            # of draws from `generator` is what a seed reproduces.
+            given = None if initial_latents is None else initial_latents[:, i]
+            latents = self.start_latents(shape, scheduler, generator, given)
             latents = self.denoise(
-                latents, context, blocked, scheduler, num_inference_steps, guidance_scale, step_kwargs, steps
+                latents, context.to(self.unet.dtype), blocked, scheduler, num_inference_steps, guidance_scale,
+                step_kwargs,
             )
-            decoded = self.decode_latents(latents)
-            images = to_uint8_images(decoded)
+            images = to_uint8_images(self.decode_latents(latents))
             frames.append(images)
 
             # Feedback: the generated frame, with the ground-truth caption of its frame, becomes history slot
-            # `frame` of the conditional context. Done for the last target too, as in the original.
-            frame = i + offset
-            pixels = blip_preprocess(
-                images, self.mm_encoder.image_size, device=device, dtype=cond.dtype, backend=blip_resize_backend
+            # `slot` of the conditional context. Done for the last target too, as in the original, although
+            # nothing reads it.
+            slot = i + offset
+            new = self.encode_generated(
+                images, source_caption[:, slot], source_attention_mask[:, slot], contexts.cond.dtype,
+                blip_resize_backend,
             )
-            new = self.encode_history(pixels, source_caption[:, frame], source_attention_mask[:, frame])
-            cond[:, :, (1 + frame) * s : (2 + frame) * s] = self.history_update(new, frame).unsqueeze(1)
-
-            if trace is not None:
-                trace[f"frame{i}_encoder_hidden_states"] = context
-                trace[f"frame{i}_encoder_attention_mask"] = blocked
-                trace.update({f"frame{i}_{key}": value for key, value in steps.items()})
-                trace[f"frame{i}_vae_decode_input"] = latents / self.latent_scale_factor
-                trace[f"frame{i}_vae_decode_output"] = decoded
-                trace[f"frame{i}_images_uint8"] = images
-                trace[f"frame{i}_blip_new_embedding"] = new
+            contexts = contexts.with_history(slot, self.history_update(new, slot))
         return torch.stack(frames, dim=1)
