@@ -53,7 +53,8 @@ def test_over_long_caption_is_truncated_with_a_warning(tiny):
     model, cfg = tiny
     long = " ".join(["pip chases bo in the park"] * 20)
     with pytest.warns(UserWarning, match=r"truncated.*data.max_length"):
-        ids, mask = model.tokenize(model.clip_tokenizer, [long])
+        tokens = model.tokenize([long])
+        ids, mask = tokens["clip_ids"], tokens["clip_mask"]
     assert ids.shape == (1, cfg.data.max_length) and int(mask.sum()) == cfg.data.max_length
     assert int(ids[0, -1]) == model.clip_tokenizer.eos_token_id  # still a well-formed caption
 
@@ -116,5 +117,5 @@ def test_schedulers_by_name(tiny):
 
 
 def test_unknown_task_is_refused(tmp_path):
-    with pytest.raises(Exception, match="Unknown task"):
+    with pytest.raises(Exception, match="model.task=.nope. is not valid"):
         build(tmp_path, "data.task=nope")

@@ -1,4 +1,5 @@
-"""Tests for storyexp.metrics: character scores, the character classifier, fid_demo and the demo evaluator.
+"""Tests for storyexp.metrics: character scores, the character classifier (trained through Lightning by
+CharacterClassifierSystem), fid_demo and the demo evaluator.
 
 The frames are drawn here (coloured shapes on a pastel background, like the demo dataset), so these tests do not
 depend on the demo dataset generator.
@@ -14,6 +15,7 @@ import torch
 
 from storyexp.metrics import (
     CharacterClassifier,
+    CharacterClassifierSystem,
     CharacterScores,
     ClassifierFeatureExtractor,
     DemoFID,
@@ -21,6 +23,7 @@ from storyexp.metrics import (
     StoryMetric,
     StoryMetricSuite,
     load_classifier,
+    load_classifier_with_record,
     save_classifier,
     train_character_classifier,
 )
@@ -216,6 +219,9 @@ def test_classifier_trains_to_high_accuracy(trained, data):
     assert report["best_val_char_f1"] >= 0.97, report
     assert report["train_loss"][-1] < report["train_loss"][0]
     assert not clf.training
+    # the kept epoch is the first one with the best validation frame accuracy (ModelCheckpoint, strict >)
+    assert report["best_epoch"] == int(np.argmax(report["val_frame_acc"]))
+    assert len(report["train_loss"]) == len(report["val_frame_acc"]) == report["epochs"] == 6
     # The returned weights are the best epoch's: re-scoring the validation frames reproduces its accuracy.
     m = CharacterScores(clf.num_classes)
     m.update(clf.predict_logits(xv), yv)
@@ -232,6 +238,46 @@ def test_training_is_deterministic_and_leaves_global_rng_alone():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_training_runs_the_lightning_system(monkeypatch):
+    """The classifier trains as a LightningModule under a lightning.Trainer, the best epoch kept by a
+    ModelCheckpoint on val/frame_acc; no hand-written loop."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seen = []
+    real_fit = L.Trainer.fit
+
+    def spy(trainer, model, *args, **kwargs):
+        checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        seen.append((type(model), trainer.max_epochs, trainer.logger,
+                     [(cb.monitor, cb.mode) for cb in checkpoints]))
+        return real_fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    x, y = make_frames(48, seed=4)
+    xv, yv = make_frames(16, seed=5)
+    _, report = train_character_classifier(x, y, val_frames=xv, val_labels=yv, epochs=2, batch_size=16, **TINY)
+    assert seen == [(CharacterClassifierSystem, 2, None, [("val/frame_acc", "max")])]
+    assert report["num_val_frames"] == 16 and report["best_epoch"] in (0, 1)
+
+
+def test_augmentation_shifts_and_flips_within_bounds():
+    from storyexp.metrics.classifier_system import augment
+
+    x = torch.rand(64, 3, 8, 8)
+    assert torch.equal(augment(x, torch.Generator().manual_seed(0), max_shift=0, hflip=False), x)
+    flipped = augment(x, torch.Generator().manual_seed(0), max_shift=0, hflip=True)
+    same = [(flipped[i] == x[i]).all() for i in range(64)]
+    mirrored = [(flipped[i] == x[i].flip(-1)).all() for i in range(64)]
+    assert all(a or b for a, b in zip(same, mirrored)) and 10 < sum(mirrored) < 54
+    shifted = augment(x, torch.Generator().manual_seed(1), max_shift=2, hflip=False)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(8):  # every output is an 8x8 window of the edge-padded input, offset by at most 2 px
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[i, :, dy : dy + 8, dx : dx + 8], shifted[i])]
+        assert windows, i
 
 
 def test_train_input_errors():
@@ -259,6 +305,12 @@ def test_save_load_round_trip(trained, tmp_path, suffix):
     if suffix == ".pt":  # plain dict of tensors and Python types: loadable with weights_only=True
         payload = torch.load(path, weights_only=True)
         assert payload["format"] == "storyexp.character_classifier"
+    assert load_classifier_with_record(path)[1] is None  # written without a record
+    record = {"kind": "character_classifier", "format_version": 1, "config": {"epochs": 6, "channels": [16, 32]},
+              "data": {"sha256": "ab"}, "quality": {"val_frame_acc": 0.97}}
+    save_classifier(clf, path, record=record)
+    again, stored = load_classifier_with_record(path)
+    assert stored == record and again.config == clf.config
 
 
 def test_load_errors_name_the_file(tmp_path):

@@ -41,7 +41,8 @@ def test_demo_model_train_step_validation_and_sampling(tmp_path, shared_data_dir
     cfg = compose_cfg(TINY_DEMO + ["model=arldm_demo", "trainer=cpu", "trainer.max_steps=2",
                                    "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                                    "trainer.limit_test_batches=1", "model.sampler.num_inference_steps=2",
-                                   "eval.classifier.epochs=1", "logger=csv"], tmp_path, data_dir=shared_data_dir)
+                                   "eval.classifier.epochs=4", "eval.classifier.batch_size=16",
+                                   "eval.classifier.lr=3e-3", "logger=csv"], tmp_path, data_dir=shared_data_dir)
     run_task(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
@@ -57,8 +58,10 @@ def test_storydalle_demo_models_fit_stage1_then_train_validate_and_sample(tmp_pa
     cfg = compose_cfg(TINY_DEMO + [f"model={model}", "trainer=cpu", "trainer.max_steps=2",
                                    "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                                    "trainer.limit_test_batches=1", "model.network.stage1_fit.steps=5",
+                                   "model.network.stage1_fit.max_mae=null", "model.network.stage1_fit.min_usage=null",
                                    f"model.network.stage1_fit.cache={tmp_path / 'stage1.ckpt'}",
-                                   "eval.classifier.epochs=1", "logger=csv"], tmp_path, data_dir=shared_data_dir)
+                                   "eval.classifier.epochs=4", "eval.classifier.batch_size=16",
+                                   "eval.classifier.lr=3e-3", "logger=csv"], tmp_path, data_dir=shared_data_dir)
     assert cfg.model.network.source == "sizes"
     run_task(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())

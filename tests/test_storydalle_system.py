@@ -126,7 +126,7 @@ def test_bad_options_are_refused(tmp_path):
         build(tmp_path, "model.sentence_encoder.kind=use")
     with pytest.raises(Exception, match="autocast"):
         build(tmp_path, "model.sampler.autocast=fp8")
-    with pytest.raises(Exception, match="Unknown task"):
+    with pytest.raises(Exception, match="model.task='captioning' is not valid"):
         build(tmp_path, "model.task=captioning")
 
 

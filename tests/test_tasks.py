@@ -43,6 +43,9 @@ def test_train_writes_metrics_grids_and_checkpoints(trained):
     assert (out / "checkpoints" / "last.ckpt").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoints"]["best"] and Path(summary["checkpoints"]["best"]).is_file()
+    # last.ckpt is named (testing the best checkpoint restored a callback state from before it existed)
+    assert summary["checkpoints"]["last"] == str(out / "checkpoints" / "last.ckpt")
+    assert summary["checkpoints"]["tested"] == summary["checkpoints"]["best"]
     grids = sorted((out / "grids" / "test").glob("story_*.png"))
     assert len(grids) == 2
     assert list((out / "grids" / "val").glob("epoch*.png"))
@@ -52,10 +55,12 @@ def test_train_writes_metrics_grids_and_checkpoints(trained):
 def test_eval_reproduces_the_test_loss(trained, shared_data_dir):
     metrics, out, tmp = trained
     best = json.loads((out / "summary.json").read_text())["checkpoints"]["best"]
-    evaluated, _ = run(tmp, shared_data_dir, "task=eval", f"ckpt_path={best}", name="eval")
+    evaluated, eval_out = run(tmp, shared_data_dir, "task=eval", f"ckpt_path={best}", name="eval")
     # validation/test losses use fixed noise per story, so the same weights give the same loss
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
     assert evaluated["test/frame_acc"] == pytest.approx(metrics["test/frame_acc"], abs=1e-6)
+    summary = json.loads((eval_out / "summary.json").read_text())
+    assert summary["checkpoints"] == {"evaluated": best}  # the checkpoint evaluated, not the old run's best
 
 
 def test_sample_from_split_and_from_captions(trained, shared_data_dir, tmp_path):
@@ -79,7 +84,7 @@ def test_sample_from_split_and_from_captions(trained, shared_data_dir, tmp_path)
     with Image.open(frames[0]) as im:
         assert im.size == (32, 32)
 
-    with pytest.raises(ConfigurationError, match="5-frame stories"):
+    with pytest.raises(ConfigurationError, match="has 2 captions; stories have 5 frames"):
         run(tmp, shared_data_dir, "task=sample", f"ckpt_path={ckpt}", "sample.captions=[a,b]",
             f"sample.source_image={source}", name="sample_bad")
     with pytest.raises(ConfigurationError, match="source_image"):

@@ -1,5 +1,6 @@
-"""Training a VQGAN stage 1 from scratch: losses, dead-code restart, the plain fit loop, the cached export,
-and the Lightning system run end to end through the framework's train task (tiny sizes, seconds)."""
+"""Training a VQGAN stage 1 from scratch: losses, dead-code restart, `fit_vqgan` (the Lightning system fitted on
+an array of frames), the cached export with its record, and the Lightning system run end to end through the
+framework's train task (tiny sizes, seconds)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from storyexp.data.demo import generate_demo_story
 from storyexp.errors import ConfigurationError
+from storyexp.metrics import ensure_classifier
 from storyexp.models.vqgan import VQGAN, VQGANConfig
 from storyexp.systems.vqgan_training import (
     CodeUsage,
@@ -26,7 +28,7 @@ from storyexp.systems.vqgan_training import (
     to_unit,
     vqgan_losses,
 )
-from storyexp.tasks import build_model, run_task
+from storyexp.tasks import build_datamodule, build_model, run_task
 
 from .conftest import TINY_DEMO, TINY_RUN, compose_cfg
 
@@ -112,7 +114,7 @@ def test_restart_reinitialises_dead_codes_to_encoder_outputs(frames):
     assert restart_dead_codes(vqgan, usage, z, step=12, window=5) == 0
 
 
-# ---------------------------------------------------------------------------------------------- fit loop
+# ----------------------------------------------------------------------------------------------- fitting
 
 
 def test_fit_reduces_the_loss_and_keeps_the_codebook_in_use(frames):
@@ -127,6 +129,7 @@ def test_fit_reduces_the_loss_and_keeps_the_codebook_in_use(frames):
     assert not vqgan.training
     assert report["usage"] > 0.5 and report["restarted"] > 0
     assert 0 < report["val_mae"] < 60 and np.isfinite(report["val_rec"])
+    assert report["mae"] == report["val_mae"] and report["eval_split"] == "val" and report["steps"] == 30
     with pytest.raises(ConfigurationError, match="resolution 16"):
         fit_vqgan(config, frames, image_size=32, steps=1)
 
@@ -157,6 +160,25 @@ def test_save_and_from_ckpt_round_trip(frames, tmp_path):
         assert torch.equal(loaded.decode_code(codes), vqgan.decode_code(codes))
 
 
+def test_fit_runs_the_lightning_system(frames, monkeypatch):
+    """`fit_vqgan` is `VQGANSystem` under a `lightning.Trainer`, not a loop of its own."""
+    import lightning as L
+
+    from storyexp.systems.vqgan import VQGANSystem
+
+    fitted = []
+    real_fit = L.Trainer.fit
+
+    def spy(trainer, model, *args, **kwargs):
+        fitted.append((type(model), trainer.max_steps, trainer.logger, trainer.checkpoint_callback))
+        return real_fit(trainer, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", spy)
+    _, report = fit_vqgan(tiny_config(), frames[:16], steps=3, batch_size=8, restart_every=1, log_every=1)
+    assert fitted == [(VQGANSystem, 3, None, None)]  # no logger, no checkpoints in any run directory
+    assert [h["step"] for h in report["history"]] == [1, 2, 3] and report["eval_split"] == "train"
+
+
 def test_load_or_fit_uses_the_cache_only_for_the_same_config(frames, tmp_path):
     calls = []
 
@@ -168,19 +190,22 @@ def test_load_or_fit_uses_the_cache_only_for_the_same_config(frames, tmp_path):
     fit = {"steps": 2, "batch_size": 8, "restart_every": 0, "log_every": 1}
     first, report = load_or_fit_vqgan(path, tiny_config(), frames_fn, **fit)
     assert len(calls) == 1 and report is not None and path.is_file()
+    written = path.stat().st_mtime_ns
+    # without a data fingerprint from the caller, the frames are read to fingerprint them, but not refitted
     again, report = load_or_fit_vqgan(path, tiny_config(), frames_fn, **fit)
-    assert len(calls) == 1 and report is None and not again.training  # nothing was read
+    assert len(calls) == 2 and report is None and not again.training and path.stat().st_mtime_ns == written
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
 
     other, report = load_or_fit_vqgan(path, tiny_config(n_embed=64), frames_fn, **fit)  # another config: refit
-    assert len(calls) == 2 and report is not None
+    assert len(calls) == 3 and report is not None
     assert other.quantize.embedding.weight.shape == (64, 8)
-    load_or_fit_vqgan(path, tiny_config(n_embed=64), frames_fn, **fit)
-    assert len(calls) == 2
+    written = path.stat().st_mtime_ns
+    _, report = load_or_fit_vqgan(path, tiny_config(n_embed=64), frames_fn, **fit)
+    assert report is None and path.stat().st_mtime_ns == written
 
     path.write_bytes(b"not a checkpoint")  # an unreadable cache is rebuilt
-    load_or_fit_vqgan(path, tiny_config(n_embed=64), frames_fn, **fit)
-    assert len(calls) == 3
+    _, report = load_or_fit_vqgan(path, tiny_config(n_embed=64), frames_fn, **fit)
+    assert report is not None and torch.load(path, weights_only=True)["record"]["kind"] == "stage1_vqgan"
 
 
 # ------------------------------------------------------------------------------------- Lightning system
@@ -189,8 +214,12 @@ def test_load_or_fit_uses_the_cache_only_for_the_same_config(frames, tmp_path):
 def test_system_trains_validates_tests_and_exports(shared_data_dir, tmp_path):
     # the tiny run with this model: two training steps, then validation, the test loop with the demo metrics
     overrides = [o for o in TINY_RUN if not o.startswith("model=")] + [
-        "model=vqgan_tiny", "trainer.limit_train_batches=2", "trainer.max_steps=-1", "eval.baseline=null"]
+        "model=vqgan_tiny", "trainer.limit_train_batches=2", "trainer.max_steps=-1", "eval.baseline=null",
+        # a classifier that passes the quality floor on the tiny demo set (val frame accuracy 1.0, ~1 s)
+        "eval.classifier.epochs=4", "eval.classifier.batch_size=16", "eval.classifier.lr=3e-3"]
     cfg = compose_cfg(TINY_DEMO + overrides, tmp_path, data_dir=shared_data_dir)
+    # the classifier the test callback loads is prepared first (what task=train_classifier does)
+    assert ensure_classifier(cfg.eval, build_datamodule(cfg), output_dir=cfg.paths.output_dir) is not None
     run_task(cfg)
     out = Path(cfg.paths.output_dir)
     metrics = json.loads((out / "metrics.json").read_text())

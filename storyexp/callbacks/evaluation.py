@@ -7,6 +7,10 @@ so their states never end up in checkpoints and are summed across DDP processes 
 Reported (when the dataset has character labels and `metrics` contains `demo`):
     test/fid_demo, test/char_f1, test/frame_acc          generated frames vs ground truth
     baseline/char_f1, baseline/frame_acc                 the same model given another story's captions
+
+The character classifier is prepared before the test loop (`storyexp.metrics.ensure_classifier`, called by
+task=train_classifier and by the train / eval tasks); `setup` only loads it, after checking that its record
+(config, data fingerprint, quality floor) belongs to this run.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class StoryEvaluation(L.Callback):
     # ------------------------------------------------------------------------------------------- set-up
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # here, not in on_test_start: the test loop runs in inference mode and the classifier may need training
+        # here, not in on_test_start: fail before the first test batch when the classifier is not prepared
         if stage != "test":
             return
         self.evaluator = self.baseline_evaluator = None
@@ -85,43 +89,23 @@ class StoryEvaluation(L.Callback):
                 evaluator.to(pl_module.device)
 
     def _classifier(self, trainer: L.Trainer):
-        """Load the cached character classifier, or train it on the training split (rank 0) and cache it."""
-        from storyexp.metrics import save_classifier, train_character_classifier
+        """Load the prepared character classifier (checked against its record); None when the data has no labels.
 
-        path = Path(self.classifier_cfg["path"])
+        Nothing is trained here: `storyexp.metrics.ensure_classifier` (task=train_classifier, and the train and
+        eval tasks before testing) prepares the file; a missing or stale one is a one-line ConfigurationError.
+        """
+        from storyexp.metrics.classifier_cache import has_labels, load_prepared_classifier
+
+        trainer.strategy.barrier("storyexp-classifier")  # every process reads the file rank 0 prepared
         datamodule = trainer.datamodule
-        if trainer.is_global_zero and self._cached(path) is None:
-            frames, labels = _frames_and_labels(datamodule, "train")
-            if labels is None:
-                self._warn_once("labels", "The dataset has no character labels: character metrics are skipped.")
-            else:
-                val_frames, val_labels = _frames_and_labels(datamodule, "val")
-                log.info("Training the character classifier on %d frames (cached at %s)", len(frames), path)
-                classifier, report = train_character_classifier(
-                    frames, labels, val_frames=val_frames, val_labels=val_labels,
-                    epochs=int(self.classifier_cfg.get("epochs", 4)),
-                    batch_size=int(self.classifier_cfg.get("batch_size", 128)),
-                    lr=float(self.classifier_cfg.get("lr", 2e-3)),
-                    seed=int(self.classifier_cfg.get("seed", 0)),
-                    class_names=self.characters,
-                )
-                log.info("Character classifier: %s", {k: v for k, v in report.items() if not isinstance(v, list)})
-                save_classifier(classifier, path)
-        trainer.strategy.barrier("storyexp-classifier")
-        return self._cached(path)
-
-    def _cached(self, path: Path):
-        """The cached classifier if it exists, loads and scores this dataset's characters; else None."""
-        if not path.is_file():
+        if datamodule is None or not hasattr(datamodule, "stories"):
+            self._warn_once("datamodule", "Character metrics need the run's StoryDataModule; they are skipped.")
             return None
-        from storyexp.metrics import load_classifier
-
-        try:
-            classifier = load_classifier(path)
-        except Exception as err:  # an unreadable cache is rebuilt, not trusted
-            log.warning("Ignoring unreadable character classifier %s (%s)", path, err)
+        if not has_labels(datamodule):
+            self._warn_once("labels", "The dataset has no character labels: character metrics are skipped.")
             return None
-        return classifier if list(getattr(classifier, "class_names", None) or []) == self.characters else None
+        return load_prepared_classifier(self.classifier_cfg, datamodule, output_dir=trainer.default_root_dir,
+                                        characters=self.characters)
 
     # ----------------------------------------------------------------------------------------- per batch
 
@@ -201,20 +185,6 @@ def _rolled_captions(captions: list[list[str]]) -> list[list[str]] | None:
     if len(captions) < 2:
         return None
     return [list(c) for c in captions[1:] + captions[:1]]
-
-
-def _frames_and_labels(datamodule, split: str):
-    """All frames of a split as uint8 [N, H, W, 3] with labels [N, C] (None when the data has none)."""
-    stories = datamodule.stories(split)
-    frames, labels = [], []
-    for story in stories:
-        if story.labels is None:
-            return None, None
-        frames.extend(story.frames)
-        labels.append(np.asarray(story.labels, dtype=np.float32))
-    if not frames:
-        return None, None
-    return np.stack(frames), np.concatenate(labels)
 
 
 def log_image(trainer: L.Trainer, key: str, image: np.ndarray) -> None:

@@ -75,6 +75,9 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+PREDICT = "predict"  # the stories given to `predict_on`
+
+
 def eval_shard() -> tuple[int, int] | None:
     """``(world_size, rank)`` when ``torch.distributed`` is initialised with more than one process, else ``None``."""
     dist = torch.distributed
@@ -535,7 +538,18 @@ class StoryDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_split)
+        return self._eval_loader(PREDICT if PREDICT in self.datasets else self.test_split)
+
+    def predict_on(self, stories: Sequence[Story]) -> None:
+        """Make `predict_dataloader` serve these stories (task=sample: the user's captions, or the first stories
+        of a split), with this data module's batch size, workers and DDP sharding."""
+        embeds = self.sentence_embeddings and has_sentence_embeddings(stories)
+        self.datasets[PREDICT] = StoryItems(stories, frame_size=self.frame_size, sentence_embeddings=embeds)
+
+    def first_stories(self, split: str, n: int | None) -> Sequence[Story]:
+        """The first `n` stories of a split (all with None), sentence embeddings kept."""
+        stories = self.stories(split)
+        return stories if n is None or int(n) >= len(stories) else _Head(stories, int(n))
 
     def stories(self, split: str) -> Sequence[Story]:
         """The (limited) ``Story`` sequence of a split, e.g. for sampling or metrics."""

@@ -4,7 +4,9 @@ All story metrics follow :class:`StoryMetric`: ``update(generated, real=None, la
 uint8 ``[N, H, W, 3]`` frames, ``compute() -> dict[str, float]``, ``reset()``. Available now:
 
 * :class:`DemoStoryEvaluator` -> ``fid_demo``, ``char_f1``, ``frame_acc`` from a :class:`CharacterClassifier`
-  the project trains itself (:func:`train_character_classifier`);
+  the project trains itself (:class:`CharacterClassifierSystem` through Lightning, driven by
+  :func:`train_character_classifier`; cached with a record of what produced it by :func:`ensure_classifier`,
+  ``python launch.py task=train_classifier``);
 * the torchmetrics building blocks :class:`CharacterScores` (StoryDALL-E's Char-F1 / Frame-Acc) and
   :class:`DemoFID` (Fréchet distance in the classifier's feature space, never to be called FID).
 
@@ -16,22 +18,28 @@ from storyexp.metrics.base import StoryMetric, StoryMetricSuite
 from storyexp.metrics.character_classifier import (
     CharacterClassifier,
     load_classifier,
+    load_classifier_with_record,
     save_classifier,
-    train_character_classifier,
 )
 from storyexp.metrics.characters import CharacterScores
+from storyexp.metrics.classifier_cache import ensure_classifier, load_prepared_classifier
+from storyexp.metrics.classifier_system import CharacterClassifierSystem, train_character_classifier
 from storyexp.metrics.demo_eval import DemoStoryEvaluator
 from storyexp.metrics.fid_demo import ClassifierFeatureExtractor, DemoFID
 
 __all__ = [
     "CharacterClassifier",
+    "CharacterClassifierSystem",
     "CharacterScores",
     "ClassifierFeatureExtractor",
     "DemoFID",
     "DemoStoryEvaluator",
     "StoryMetric",
     "StoryMetricSuite",
+    "ensure_classifier",
     "load_classifier",
+    "load_classifier_with_record",
+    "load_prepared_classifier",
     "save_classifier",
     "train_character_classifier",
 ]

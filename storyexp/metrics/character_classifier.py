@@ -2,7 +2,8 @@
 
 Published character classifiers (StoryDALL-E's Inception-v3 for PororoSV / FlintstonesSV) cannot be downloaded
 here, and the synthetic ``demo`` dataset has characters of its own, so the demo trains this small CNN on its
-training frames and uses it
+training frames (through Lightning: :mod:`storyexp.metrics.classifier_system`, ``python launch.py
+task=train_classifier``) and uses it
 
 * to score generated frames (:class:`storyexp.metrics.CharacterScores`: character F1 and frame accuracy), and
 * as the feature extractor of ``fid_demo`` (:class:`storyexp.metrics.DemoFID`). That number is *not* an FID in the
@@ -17,13 +18,15 @@ Input conventions (checked, with a clear error otherwise):
 
 Any other dtype or layout is refused. Images of any size are resized internally to ``input_size × input_size``
 with antialiased bilinear interpolation (non-square frames are squashed, not cropped).
+
+Files (:func:`save_classifier` / :func:`load_classifier`) hold the network's config, its weights and, for a cache,
+the record of what produced it (:mod:`storyexp.utils.cache`: training settings, data fingerprint, quality).
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,19 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from storyexp.metrics._io import as_label_tensor, as_uint8_nhwc
 from storyexp.utils.io import atomic_write
 
 __all__ = [
     "CharacterClassifier",
-    "train_character_classifier",
     "save_classifier",
     "load_classifier",
+    "load_classifier_with_record",
     "CHECKPOINT_FORMAT",
 ]
 
 CHECKPOINT_FORMAT = "storyexp.character_classifier"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: optional "record" (what produced the file); version-1 files load, without a record
+
+HOW_TO_GET = ("It is not downloadable: train it on the dataset's training frames with "
+              "`python launch.py task=train_classifier data=<dataset>`.")
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -189,238 +194,20 @@ class CharacterClassifier(nn.Module):
             self.train(was_training)
 
 
-# ---------------------------------------------------------------------- training
-
-
-def _resize_uint8_nchw(frames: Tensor, size: int, chunk: int = 1024) -> Tensor:
-    """uint8 NHWC [N,H,W,3] -> uint8 NCHW [N,3,size,size] (antialiased bilinear), in chunks to bound memory."""
-    out = torch.empty(frames.shape[0], 3, size, size, dtype=torch.uint8)
-    for i in range(0, frames.shape[0], chunk):
-        x = frames[i : i + chunk].permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def _augment(x: Tensor, generator: torch.Generator, max_shift: int, hflip: bool) -> Tensor:
-    """Random per-sample translation by up to ``max_shift`` px (edge-replicate padding) and horizontal flip."""
-    b, _, h, w = x.shape
-    if max_shift > 0:
-        s = max_shift
-        xp = F.pad(x, (s, s, s, s), mode="replicate")
-        dy = torch.randint(0, 2 * s + 1, (b,), generator=generator)
-        dx = torch.randint(0, 2 * s + 1, (b,), generator=generator)
-        iy = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]  # [B, h, 1]
-        ix = (dx[:, None] + torch.arange(w)[None, :])[:, None, :]  # [B, 1, w]
-        x = xp[torch.arange(b)[:, None, None], :, iy, ix].permute(0, 3, 1, 2)  # [B, h, w, C] -> [B, C, h, w]
-    if hflip:
-        flip = torch.rand(b, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x.contiguous()
-
-
-def _evaluate(model: CharacterClassifier, frames: Tensor, labels: Tensor, batch_size: int) -> dict[str, float]:
-    """Scores on original-size frames through the model's own preprocessing, exactly as at inference."""
-    from storyexp.metrics.characters import CharacterScores
-
-    # local scores: training may run on one process of a DDP job, where a cross-process sync would hang
-    scores = CharacterScores(num_classes=model.num_classes, input_format="logits", sync_on_compute=False)
-    scores.update(model.predict_logits(frames, batch_size=batch_size), labels)
-    return {k: float(v) for k, v in scores.compute().items()}
-
-
-def train_character_classifier(
-    frames: Tensor | np.ndarray,
-    labels: Tensor | np.ndarray,
-    *,
-    val_frames: Tensor | np.ndarray | None = None,
-    val_labels: Tensor | np.ndarray | None = None,
-    epochs: int = 3,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    seed: int = 0,
-    augment: bool = True,
-    max_shift: int = 2,
-    hflip: bool = True,
-    input_size: int = 32,
-    channels: Sequence[int] = (24, 48, 96),
-    class_names: Sequence[str] | None = None,
-    weight_decay: float = 1e-4,
-    num_threads: int | None = None,
-) -> tuple[CharacterClassifier, dict[str, Any]]:
-    """Train a :class:`CharacterClassifier` on single frames with multi-hot character labels.
-
-    Args:
-        frames: uint8 ``[N, H, W, 3]`` training frames (numpy or torch).
-        labels: ``[N, C]`` multi-hot labels (0/1; any numeric or bool dtype).
-        val_frames, val_labels: optional held-out set; when given, the weights of the epoch with the best
-            validation frame accuracy are kept (StoryDALL-E's selection rule) and the scores are in the report.
-        epochs, batch_size, lr: Adam (peak learning rate ``lr``, linear warm-up over the first 20% of the
-            steps, then cosine decay), BCE-with-logits loss.
-        seed: seeds initialisation, shuffling and augmentation; the global torch RNG is left untouched, and
-            the same seed on the same machine and thread count gives the same weights.
-        augment: random translation by up to ``max_shift`` pixels (at ``input_size`` resolution, edge padding)
-            and, if ``hflip``, horizontal flips. Turn ``hflip`` off when a character's identity depends on its
-            left/right orientation.
-        input_size, channels, class_names: passed to :class:`CharacterClassifier`.
-        weight_decay: Adam's (L2) weight decay.
-        num_threads: if given, ``torch.set_num_threads(num_threads)`` during training (restored afterwards).
-            On a small CPU shared with other processes, 1 thread is often several times faster than 2, because
-            OpenMP threads wait on each other when a core is taken away.
-
-    Returns:
-        ``(classifier, report)``: the classifier on CPU in eval mode, and a report with per-epoch
-        ``train_loss`` (and ``val_frame_acc`` / ``val_char_f1``), ``best_epoch``, ``train_time_s``,
-        ``num_params``, ``num_train_frames``.
-    """
-    x_train = as_uint8_nhwc(frames, "frames")
-    y_train = as_label_tensor(labels, "labels")
-    if x_train.shape[0] != y_train.shape[0]:
-        raise ValueError(f"frames ({x_train.shape[0]}) and labels ({y_train.shape[0]}) differ in length")
-    if x_train.shape[0] == 0:
-        raise ValueError("train_character_classifier: no training frames")
-    num_classes = y_train.shape[1]
-    x_val_raw = y_val = None
-    if val_frames is not None or val_labels is not None:
-        if val_frames is None or val_labels is None:
-            raise ValueError("give both val_frames and val_labels, or neither")
-        x_val_raw = as_uint8_nhwc(val_frames, "val_frames")
-        y_val = as_label_tensor(val_labels, "val_labels", num_classes=num_classes)
-        if x_val_raw.shape[0] != y_val.shape[0]:
-            raise ValueError(f"val_frames ({x_val_raw.shape[0]}) and val_labels ({y_val.shape[0]}) differ in length")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
-
-    threads_before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(int(num_threads))
-    try:
-        return _train(
-            x_train, y_train, x_val_raw, y_val,
-            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, max_shift=max_shift,
-            hflip=hflip, input_size=input_size, channels=channels, class_names=class_names,
-            weight_decay=weight_decay,
-        )  # fmt: skip
-    finally:
-        if num_threads is not None:
-            torch.set_num_threads(threads_before)
-
-
-def _train(
-    x_train: Tensor,
-    y_train: Tensor,
-    x_val_raw: Tensor | None,
-    y_val: Tensor | None,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    augment: bool,
-    max_shift: int,
-    hflip: bool,
-    input_size: int,
-    channels: Sequence[int],
-    class_names: Sequence[str] | None,
-    weight_decay: float,
-) -> tuple[CharacterClassifier, dict[str, Any]]:
-    num_classes = y_train.shape[1]
-    has_val = x_val_raw is not None
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CharacterClassifier(num_classes, input_size=input_size, channels=channels, class_names=class_names)
-    # channels_last is faster for these small convs on CPU (oneDNN); converted back at the end.
-    model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(seed)
-
-    # Resize the training frames once (kept as uint8 to bound memory; the rounding is far below the
-    # augmentation's effect); the augmentation works on the small images. Validation frames go through the
-    # model's own preprocessing, so the reported scores are exactly those of the returned classifier.
-    x_small = _resize_uint8_nchw(x_train, input_size)
-
-    n = x_small.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    warmup = max(1, total_steps // 5)
-
-    def lr_factor(step: int) -> float:  # linear warm-up over 20% of the steps, then cosine decay to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    loss_fn = nn.BCEWithLogitsLoss()
-
-    report: dict[str, Any] = {"train_loss": [], "val_frame_acc": [], "val_char_f1": []}
-    best_state: dict[str, Tensor] | None = None
-    best_acc = -1.0
-    best_epoch = epochs - 1
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        total, count = 0.0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            xb = x_small[idx].float().div_(255.0)
-            if augment:
-                xb = _augment(xb, generator, max_shift=max_shift, hflip=hflip)
-            xb = xb.contiguous(memory_format=torch.channels_last)
-            logits = model.head(model._features_from_prepared(xb))
-            loss = loss_fn(logits, y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * idx.numel()
-            count += idx.numel()
-        report["train_loss"].append(total / count)
-        if has_val:
-            scores = _evaluate(model, x_val_raw, y_val, batch_size=512)
-            report["val_frame_acc"].append(scores["frame_acc"])
-            report["val_char_f1"].append(scores["char_f1"])
-            if scores["frame_acc"] > best_acc:
-                best_acc = scores["frame_acc"]
-                best_epoch = epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    report.update(
-        best_epoch=best_epoch,
-        epochs=epochs,
-        seed=seed,
-        num_params=sum(p.numel() for p in model.parameters()),
-        num_train_frames=n,
-        num_threads=torch.get_num_threads(),
-        train_time_s=time.perf_counter() - start,
-    )
-    if has_val:
-        report["best_val_frame_acc"] = report["val_frame_acc"][best_epoch]
-        report["best_val_char_f1"] = report["val_char_f1"][best_epoch]
-    else:
-        del report["val_frame_acc"], report["val_char_f1"]
-    return model, report
-
-
 # ---------------------------------------------------------------------- save / load
 
 
-def save_classifier(classifier: CharacterClassifier, path: str | os.PathLike) -> Path:
-    """Write config + weights atomically.
+def save_classifier(classifier: CharacterClassifier, path: str | os.PathLike,
+                    record: dict[str, Any] | None = None) -> Path:
+    """Write config + weights (+ ``record``, a :mod:`storyexp.utils.cache` record of plain types) atomically.
 
-    ``*.safetensors`` paths are written with safetensors (config in the metadata); any other suffix
-    (conventionally ``.pt``) as a ``torch.save`` dict of plain types and tensors, loadable with
+    ``*.safetensors`` paths are written with safetensors (config and record as JSON in the metadata); any other
+    suffix (conventionally ``.pt``) as a ``torch.save`` dict of plain types and tensors, loadable with
     ``torch.load(weights_only=True)``.
     """
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
     path = Path(path)
     if path.suffix == ".safetensors":
-        import json
-
         from safetensors.torch import save_file
 
         meta = {
@@ -428,47 +215,53 @@ def save_classifier(classifier: CharacterClassifier, path: str | os.PathLike) ->
             "version": str(CHECKPOINT_VERSION),
             "config": json.dumps(classifier.config),
         }
+        if record is not None:
+            meta["record"] = json.dumps(record)
         return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    payload = {
+    payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": classifier.config,
         "state_dict": state,
     }
+    if record is not None:
+        payload["record"] = record
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CharacterClassifier:
     """Load a classifier written by :func:`save_classifier` (in eval mode)."""
+    return load_classifier_with_record(path, map_location=map_location)[0]
+
+
+def load_classifier_with_record(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[CharacterClassifier, dict[str, Any] | None]:
+    """``(classifier in eval mode, its record or None)``, read through the one safe loader
+    (`storyexp.utils.loading.load_file`: ``weights_only=True`` / safetensors). A missing file is a
+    `MissingResourceError` (a ``FileNotFoundError``), anything else wrong one ``ValueError`` naming the file."""
+    from storyexp.utils.loading import load_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"character classifier checkpoint not found: {path}. It is not downloadable: train one with "
-            "storyexp.metrics.train_character_classifier on the dataset's training frames and write it with "
-            "storyexp.metrics.save_classifier."
-        )
+    payload = load_file(path, "Character classifier", map_location=map_location, how_to_get=HOW_TO_GET)
     try:
         if path.suffix == ".safetensors":
-            import json
-
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             if meta.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"metadata 'format' is {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-            config = json.loads(meta["config"])
-            state = load_file(str(path), device=str(map_location))
+            version = int(meta.get("version", -1))
+            config, state = json.loads(meta["config"]), payload
+            record = json.loads(meta["record"]) if "record" in meta else None
         else:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
             if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (missing or wrong 'format' field)")
-            if int(payload.get("version", -1)) > CHECKPOINT_VERSION:
-                raise ValueError(
-                    f"checkpoint version {payload['version']} is newer than this code ({CHECKPOINT_VERSION})"
-                )
-            config, state = payload["config"], payload["state_dict"]
+            version = int(payload.get("version", -1))
+            config, state, record = payload["config"], payload["state_dict"], payload.get("record")
+        if version > CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {version} is newer than this code ({CHECKPOINT_VERSION})")
         model = CharacterClassifier(
             config["num_classes"],
             input_size=config["input_size"],
@@ -478,4 +271,4 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(state)
     except Exception as err:  # one message that names the file
         raise ValueError(f"cannot load character classifier from {path}: {err}") from err
-    return model.to(map_location).eval()
+    return model.to(map_location).eval(), record

@@ -17,16 +17,16 @@ loss; deterministic validation (no sampling noise in the loss).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from storyexp.errors import ConfigurationError
+from storyexp.models.mindalle.build import build_storydalle
 from storyexp.models.mindalle.tokenizer import pad_id, tokenizer_from_json, tokenizer_to_json, vocab_size
 from storyexp.models.sentence_encoders import build_sentence_encoder
 from storyexp.systems.story_tokens import TOKENIZER_KEY, StoryTokenSystem
-from storyexp.systems.storydalle_builder import build_storydalle
+from storyexp.utils.images import uint8_from_zero_one
 
 MODES = ("finetune", "prompt")
 SENTENCE_SOURCES = ("dataset", "hashing", "transformers")
@@ -40,7 +40,7 @@ class StoryDalleSystem(StoryTokenSystem):
         task: continuation | visualization.
         characters: names appended to the tokenizer as whole-word tokens (the dataset's recurring characters).
         image_size: frames are resized to this square size before stage 1 encodes them.
-        network: how to build stage 1 / stage 2 / tokenizer (`storyexp.systems.storydalle_builder`), plus
+        network: how to build stage 1 / stage 2 / tokenizer (`storyexp.models.mindalle.build`), plus
             `stage1_fit`: fit stage 1 on the training split on first use and cache it (demo).
         story: cross-attention (`condition`, `gate_init`: zero | none, `cross_every`), prompt prefix
             (`preseqlen`, `prefix_dropout`; used in `train.mode=prompt`).
@@ -54,7 +54,24 @@ class StoryDalleSystem(StoryTokenSystem):
         recipe: run length and clipping read by the trainer config.
     """
 
-    frozen_hint = "check model.train.mode"
+    modes = MODES
+
+    @classmethod
+    def check_config(cls, model: dict[str, Any]) -> None:
+        super().check_config(model)
+        kind = (model.get("sentence_encoder") or {}).get("kind", "dataset")
+        if kind not in SENTENCE_SOURCES:
+            raise ConfigurationError(f"model.sentence_encoder.kind={kind!r} is not valid: it must be one of "
+                                     f"{SENTENCE_SOURCES}.")
+        network, story = model.get("network") or {}, model.get("story") or {}
+        if (model.get("train") or {}).get("mode") == "prompt" and network.get("source") == "sizes":
+            preseqlen, ctx = int(story.get("preseqlen", 32)), int((network.get("stage2") or {}).get("ctx_len_txt", 0))
+            if preseqlen + 1 > ctx:  # the prefix and the story token share the text positions
+                raise ConfigurationError(
+                    f"model.train.mode=prompt needs model.story.preseqlen + 1 <= model.network.stage2.ctx_len_txt, "
+                    f"got preseqlen={preseqlen} and ctx_len_txt={ctx}: set model.story.preseqlen={max(ctx - 1, 0)} "
+                    "or lower (or a larger ctx_len_txt)."
+                )
 
     def __init__(
         self,
@@ -72,15 +89,13 @@ class StoryDalleSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        mode = self._init_story(task, image_size, sampler, train, MODES)
         self.save_hyperparameters()
+        self.check_config(dict(self.hparams))
+        self.init_layout(task, image_size)
+        mode = str(train.get("mode", MODES[0]))
 
         enc_cfg = dict(sentence_encoder)
         self.sentence_source = str(enc_cfg.pop("kind", "dataset"))
-        if self.sentence_source not in SENTENCE_SOURCES:
-            raise ConfigurationError(
-                f"model.sentence_encoder.kind must be one of {SENTENCE_SOURCES}, got {self.sentence_source!r}."
-            )
         dim = int(enc_cfg.pop("dim", 512))
         encoder = None if self.sentence_source == "dataset" else build_sentence_encoder(self.sentence_source, dim,
                                                                                          **enc_cfg)
@@ -91,7 +106,6 @@ class StoryDalleSystem(StoryTokenSystem):
                                  story_len=self.num_targets, sent_embed=dim)
         self.stage1, self.net, self.tokenizer = built.stage1, built.net, built.tokenizer
         self.apply_mode(mode)
-        self._warned_long = 0
 
     # ------------------------------------------------------------------------------------ trainable sets
 
@@ -113,13 +127,8 @@ class StoryDalleSystem(StoryTokenSystem):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """[n] captions -> [n, ctx_len_txt] ids; over-long captions are truncated with a warning."""
         encodings = self.tokenizer.encode_batch(list(captions))
-        cut = [c for c, e in zip(captions, encodings) if e.overflowing]
-        if cut and self._warned_long < 5:
-            self._warned_long += 1
-            warnings.warn(
-                f"{len(cut)} caption(s) longer than the text context ({self.net.cfg.ctx_len_txt} tokens) were "
-                f"truncated, e.g. {cut[0][:80]!r}.", stacklevel=2,
-            )
+        self.warn_truncated([c for c, e in zip(captions, encodings) if e.overflowing],
+                            f"the text context ({self.net.cfg.ctx_len_txt} tokens)")
         return torch.tensor([e.ids for e in encodings], dtype=torch.long, device=self.device)
 
     def sentence_embeddings(self, batch: dict[str, Any], captions: list[list[str]], first: int) -> torch.Tensor:
@@ -148,7 +157,7 @@ class StoryDalleSystem(StoryTokenSystem):
 
     # -------------------------------------------------------------------------------------------- steps
 
-    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, Any], generators=None) -> dict[str, torch.Tensor]:
         inputs = self.prepare_batch(batch)
         return self.net.loss(**inputs, pad_id=self.pad_id,
                              mask_text_padding=bool(self.hparams.train.get("mask_text_padding", True)))
@@ -156,7 +165,7 @@ class StoryDalleSystem(StoryTokenSystem):
     # -------------------------------------------------------------------------------------------- sampling
 
     def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
-                     generator: torch.Generator) -> torch.Tensor:
+                     generators: list[torch.Generator]) -> torch.Tensor:
         """[B*K, V, T] codes: each story repeated K times (candidates), then `StoryDalleNet.sample`."""
         inputs = self.prepare_batch(batch, captions=captions, targets=False)
         K = num_candidates
@@ -169,7 +178,7 @@ class StoryDalleSystem(StoryTokenSystem):
             top_k=None if top_k is None else int(top_k),
             top_p=None if top_p is None else float(top_p),
             temperature=float(settings.get("temperature", 1.0)),
-            generator=generator,
+            generator=generators,
             chain=bool(settings.get("chain", False)),
         )
 
@@ -178,7 +187,7 @@ class StoryDalleSystem(StoryTokenSystem):
         """[N, T] codes -> uint8 [N, H, W, 3] (minDALL-E's clamp(0.5 x + 0.5, 0, 1), in fp32)."""
         side = self.stage1.config.latent_dim
         x = self.stage1.decode_code(codes.view(-1, side, side)).float()
-        return self.to_uint8(torch.clamp(x * 0.5 + 0.5, 0, 1))
+        return uint8_from_zero_one(torch.clamp(x * 0.5 + 0.5, 0, 1))
 
     # ------------------------------------------------------------------------------------ checkpoints
 

@@ -14,14 +14,14 @@ frame-by-frame chaining; a real warm-up + decay, gradient clipping.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
+from storyexp.models.mega.build import build_storymega
 from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_json, tokenizer_to_json
 from storyexp.systems.story_tokens import StoryTokenSystem
-from storyexp.systems.storymega_builder import build_storymega
+from storyexp.utils.images import uint8_from_zero_one
 
 MODES = ("finetune", "condition_only")
 
@@ -33,7 +33,7 @@ class StoryMegaSystem(StoryTokenSystem):
         task: continuation | visualization.
         characters: names added to the tokenizer as whole words.
         image_size: frames are resized to this square before stage 1 encodes them.
-        network: `storyexp.systems.storymega_builder` (`source: pretrained | sizes`), plus `start_token`
+        network: `storyexp.models.mega.build` (`source: pretrained | sizes`), plus `start_token`
             (pretrained: 16383, min-dalle's), `source_zero_one` (true: the original's [0, 1] input to the taming
             encoder; taming VQGANs are trained on [-1, 1]) and `stage1_fit` (sizes: fit stage 1 on first use).
         story: `condition` (condition layers on), `gate_init` zero | none (the original's ungated layers).
@@ -45,7 +45,7 @@ class StoryMegaSystem(StoryTokenSystem):
         recipe: run length and clipping read by the trainer config.
     """
 
-    frozen_hint = "check model.train.mode"
+    modes = MODES
 
     def __init__(
         self,
@@ -62,14 +62,15 @@ class StoryMegaSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        mode = self._init_story(task, image_size, sampler, train, MODES)
         self.save_hyperparameters()
+        self.check_config(dict(self.hparams))
+        self.init_layout(task, image_size)
+        mode = str(train.get("mode", MODES[0]))
         built = build_storymega(network, story, list(characters))
         self.stage1, self.model = built.stage1, built.model
         self.start_token, self.sampled_vocab = built.start_token, built.sampled_vocab
         self.frames_zero_one = bool(network.get("source_zero_one", False))
         self.apply_mode(mode)
-        self._warned_long = 0
 
     @property
     def tokenizer(self):
@@ -94,12 +95,8 @@ class StoryMegaSystem(StoryTokenSystem):
         """[n] captions -> [n, text_tokens] ids (cut and padded as min-dalle); over-long ones warn."""
         length = self.model.config.text_token_count
         ids = self.tokenizer.encode_batch(list(captions), length)
-        cut = [c for c, row in zip(captions, ids) if int(row[-1]) != self.tokenizer.pad_id
-               and len(self.tokenizer.tokenize(c)) > length]
-        if cut and self._warned_long < 5:
-            self._warned_long += 1
-            warnings.warn(f"{len(cut)} caption(s) longer than {length} tokens were truncated, e.g. {cut[0][:80]!r}.",
-                          stacklevel=2)
+        self.warn_truncated([c for c, row in zip(captions, ids) if int(row[-1]) != self.tokenizer.pad_id
+                             and len(self.tokenizer.tokenize(c)) > length], f"{length} tokens")
         return ids.to(self.device)
 
     def prepare_batch(self, batch: dict[str, Any], captions: list[list[str]] | None = None,
@@ -108,7 +105,7 @@ class StoryMegaSystem(StoryTokenSystem):
 
     # -------------------------------------------------------------------------------------------- steps
 
-    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def losses(self, batch: dict[str, Any], generators=None) -> dict[str, torch.Tensor]:
         inputs = self.prepare_batch(batch)
         dropout = float(self.hparams.train.get("text_dropout", 0.0)) if self.training else 0.0
         return story_loss(self.model, **inputs, start_token=self.start_token, text_dropout=dropout)
@@ -116,7 +113,7 @@ class StoryMegaSystem(StoryTokenSystem):
     # -------------------------------------------------------------------------------------------- sampling
 
     def sample_codes(self, batch, captions, num_candidates: int, settings: dict[str, Any],
-                     generator: torch.Generator) -> torch.Tensor:
+                     generators: list[torch.Generator]) -> torch.Tensor:
         inputs = self.prepare_batch(batch, captions=captions, targets=False)
         K = num_candidates
         source = inputs["source_codes"].repeat_interleave(K, dim=0) if self.task == "continuation" else None
@@ -124,7 +121,7 @@ class StoryMegaSystem(StoryTokenSystem):
             self.model, inputs["texts"].repeat_interleave(K, dim=0), source,
             start_token=self.start_token, sampled_vocab=self.sampled_vocab,
             top_k=int(settings.get("top_k", 256)), temperature=float(settings.get("temperature", 1.0)),
-            supercondition_factor=float(settings.get("supercondition_factor", 1.0)), generator=generator,
+            supercondition_factor=float(settings.get("supercondition_factor", 1.0)), generator=generators,
             chain=bool(settings.get("chain", False)),
         )
 
@@ -132,10 +129,10 @@ class StoryMegaSystem(StoryTokenSystem):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """[N, T] -> uint8 [N, H, W, 3]: min-dalle's detokenizer (clip to [0, 1]), or the model's own stage 1."""
         if self.model.detokenizer is not None:
-            return self.to_uint8(self.model.decode_codes(codes).float())
+            return uint8_from_zero_one(self.model.decode_codes(codes).float())
         side = self.stage1.config.latent_dim
         x = self.stage1.decode_code(codes.view(-1, side, side)).float()
-        return self.to_uint8(torch.clamp(x * 0.5 + 0.5, 0, 1))
+        return uint8_from_zero_one(torch.clamp(x * 0.5 + 0.5, 0, 1))
 
     # ------------------------------------------------------------------------------------ checkpoints
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError
 from storyexp.models.vqgan import VQGAN, VQGANConfig
-from storyexp.systems.arldm import resize_uint8
+from storyexp.utils.images import resize_uint8
 from storyexp.systems.vqgan_training import (
     CodeUsage,
     codebook_usage,
@@ -96,6 +96,8 @@ class VQGANSystem(L.LightningModule):
         self._step_out: tuple[torch.Tensor, torch.Tensor] | None = None
         self._last_restart = -1
         self._eval_counts: torch.Tensor | None = None
+        self.last_losses: dict[str, torch.Tensor] = {}  # the last training step's loss, rec, codebook
+        self.restarted_codes = 0  # codes restarted in this process's fit (all of them, every restart)
 
     @property
     def num_targets(self) -> int:
@@ -119,6 +121,7 @@ class VQGANSystem(L.LightningModule):
         self.log("train/rec", out["rec"], batch_size=n)
         self.log("train/codebook", out["codebook"], batch_size=n)
         self._step_out = (out["codes"].detach(), out["z"].detach())
+        self.last_losses = {k: out[k].detach() for k in ("loss", "rec", "codebook")}  # read by fit_vqgan's record
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -154,6 +157,7 @@ class VQGANSystem(L.LightningModule):
         if self.trainer.world_size > 1:  # every process must write the same vectors
             candidates = self.trainer.strategy.broadcast(candidates, src=0)
         restarted = restart_dead_codes(self.vqgan, usage, z, step, self.restart_every, candidates=candidates)
+        self.restarted_codes += restarted
         self.log("train/restarted_codes", float(restarted), batch_size=1)
 
     def _eval_step(self, batch, prefix: str) -> torch.Tensor:

@@ -7,28 +7,43 @@ terms: those need pretrained LPIPS weights and many more steps, and flat synthet
 Codebooks trained from scratch collapse onto a few entries; codes unused for a while are re-initialised to
 encoder outputs of the current batch (dead-code restart), which keeps the codebook in use.
 
-Used two ways: `fit_vqgan` / `load_or_fit_vqgan` (a deterministic plain torch loop, e.g. for a system that
-needs a stage 1 on first use), and `storyexp.systems.vqgan.VQGANSystem` (the same loss and restart inside
-Lightning: `python launch.py model=vqgan_demo`).
+One way to train it: `storyexp.systems.vqgan.VQGANSystem` under a `lightning.Trainer`, either as a run of its
+own (`python launch.py model=vqgan_demo`) or through `fit_vqgan` / `load_or_fit_vqgan` (the same system fitted
+on an array of frames, deterministic, e.g. for a system that needs a stage 1 on first use). `load_or_fit_vqgan`
+caches the result with a record of what produced it (`storyexp.utils.cache`: sizes and fit settings, data
+fingerprint, reconstruction MAE and codebook usage) and refits when the record does not match.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
-import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from storyexp.errors import ConfigurationError
 from storyexp.models.vqgan import VQGAN, VQGANConfig
+from storyexp.utils.cache import (
+    cache_path,
+    check_quality,
+    data_fingerprint,
+    frames_fingerprint,
+    make_record,
+    matches,
+    quiet_lightning,
+    single_device_trainer,
+)
 from storyexp.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -43,6 +58,8 @@ __all__ = [
     "reconstruct",
     "restart_dead_codes",
     "save_vqgan",
+    "stage1_cache",
+    "stage1_record_config",
     "to_uint8",
     "to_unit",
     "vqgan_losses",
@@ -143,7 +160,7 @@ def pick_candidates(z: torch.Tensor, n: int, generator: torch.Generator | None =
 def frames_to_inputs(frames: torch.Tensor | np.ndarray, image_size: int, chunk: int = 2048) -> torch.Tensor:
     """uint8 frames [N, H, W, 3] -> uint8 [N, 3, image_size, image_size] (antialiased bilinear, as
     `storyexp.systems.arldm.resize_uint8`), in chunks to bound memory. Map to [-1, 1] with `to_unit`."""
-    from storyexp.systems.arldm import resize_uint8  # lazy: keeps AR-LDM's imports off this module's path
+    from storyexp.utils.images import resize_uint8
 
     x = torch.as_tensor(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
@@ -176,6 +193,57 @@ def reconstruct(vqgan: VQGAN, inputs: torch.Tensor, batch_size: int = 256) -> to
 # ------------------------------------------------------------------------------------------------- fit
 
 
+class _FrameBatches(Dataset):
+    """``dataset[index_tensor]`` -> ``{"frames": uint8 [B, 1, R, R, 3]}``: one-frame "stories", a whole batch."""
+
+    def __init__(self, frames_nhwc: torch.Tensor):
+        self.frames = frames_nhwc
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def __getitem__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"frames": self.frames[idx][:, None]}
+
+
+class _Passes(Sampler):
+    """``steps`` index batches of ``batch_size`` from passes over a shuffled order (a private generator seeded
+    with ``seed``); a batch never straddles two passes: when the rest of a pass is too short, a new pass starts."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int):
+        self.n, self.batch_size, self.steps, self.seed = int(n), int(batch_size), int(steps), int(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        order, pos = torch.randperm(self.n, generator=gen), 0
+        for _ in range(self.steps):
+            if pos + self.batch_size > len(order):
+                order, pos = torch.randperm(self.n, generator=gen), 0
+            yield order[pos : pos + self.batch_size]
+            pos += self.batch_size
+
+
+class _FitRecorder(L.Callback):
+    """The step losses of a fit (the last ``window`` steps, and every ``log_every`` steps for the history)."""
+
+    def __init__(self, steps: int, log_every: int):
+        self.steps, self.log_every = int(steps), int(log_every)
+        self.recent: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = int(trainer.global_step)
+        losses = {k: float(v) for k, v in pl_module.last_losses.items()}
+        self.recent = (self.recent + [losses])[-max(self.log_every, 1):]
+        if self.log_every and step % self.log_every == 0:
+            self.history.append({"step": step, **losses})
+            log.info("vqgan step %d/%d: loss %.4f rec %.4f codebook %.4f", step, self.steps, losses["loss"],
+                     losses["rec"], losses["codebook"])
+
+
 def fit_vqgan(
     config: VQGANConfig,
     frames: torch.Tensor | np.ndarray,
@@ -192,22 +260,28 @@ def fit_vqgan(
     val_frames: torch.Tensor | np.ndarray | None = None,
     lr_schedule: str = "cosine",
     device: str | torch.device = "cpu",
+    trainer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[VQGAN, dict[str, Any]]:
     """Train a VQGAN from scratch on uint8 frames [N, H, W, 3]; returns (model in eval mode, report).
 
-    Deterministic for a given seed (model init from ``seed`` inside a forked RNG, batches from a private
-    generator; the global RNGs are left alone). Frames are resized once to ``image_size`` (default and only
-    allowed value: ``config.hparams.resolution``, so the code grid is ``latent_dim`` x ``latent_dim``) and
-    mapped to [-1, 1]; no augmentation. Adam with taming's betas (0.5, 0.9); ``lr_schedule`` ``cosine``
-    (to 0 over ``steps``) or ``constant``. Every ``restart_every`` steps, codes unused over the last
-    ``restart_every`` steps are restarted (0 disables it).
+    Fits `storyexp.systems.vqgan.VQGANSystem` (the loss, schedule and dead-code restart of ``model=vqgan_demo``)
+    with a `lightning.Trainer` (`storyexp.utils.cache.single_device_trainer`: one device, no logger, no
+    checkpoints; ``trainer_kwargs`` override its arguments). Deterministic for a given seed (model init from
+    ``seed`` inside a forked RNG, batches from a private generator, restarts from per-step generators; the global
+    RNGs are left alone). Frames are resized once to ``image_size`` (default and only allowed value:
+    ``config.hparams.resolution``, so the code grid is ``latent_dim`` x ``latent_dim``) and mapped to [-1, 1];
+    no augmentation. Batches of ``batch_size`` frames come from passes over a shuffled order. Adam with taming's
+    betas (0.5, 0.9); ``lr_schedule`` ``cosine`` (to 0 over ``steps``) or ``constant``. Every ``restart_every``
+    steps, codes unused over the last ``restart_every`` steps are restarted (0 disables it).
 
     Report: ``rec`` (mean over the last ``log_every`` steps), ``loss``, ``codebook``, ``history`` (the
-    step's losses every ``log_every`` steps), ``usage`` /
-    ``perplexity`` (codebook use over the training frames, or ``val_frames`` when given), ``steps``,
-    ``seconds``, ``restarted`` (codes restarted in all), and with ``val_frames``: ``val_mae`` (mean absolute
-    per-pixel error of the reconstructions on the [0, 255] scale, at ``image_size``) and ``val_rec``.
+    step's losses every ``log_every`` steps), ``usage`` / ``perplexity`` / ``mae`` (codebook use and mean
+    absolute per-pixel reconstruction error on the [0, 255] scale, over the training frames, or ``val_frames``
+    when given; ``eval_split`` says which), ``steps``, ``seconds``, ``restarted`` (codes restarted in all), and
+    with ``val_frames``: ``val_mae`` (= ``mae``) and ``val_rec``.
     """
+    from storyexp.systems.vqgan import VQGANSystem  # the system imports this module's losses
+
     resolution = config.hparams.resolution
     image_size = resolution if image_size is None else int(image_size)
     if image_size != resolution:
@@ -224,45 +298,32 @@ def fit_vqgan(
     if len(data) == 0:
         raise ValueError("fit_vqgan got no frames")
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vqgan = VQGAN(config)
-    vqgan.to(device).train()
-    optimizer = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=tuple(betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if lr_schedule == "cosine" else (lambda s: 1.0)
-    )
-    gen = torch.Generator().manual_seed(seed)
-    restart_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    usage = CodeUsage(config.n_embed)
-    order, pos = torch.randperm(len(data), generator=gen), 0
-    recent: list[dict[str, float]] = []
-    history: list[dict[str, float]] = []
-    restarted, start = 0, time.perf_counter()
-    for step in range(1, steps + 1):
-        if pos + batch_size > len(order):  # a new pass over the data; batches never straddle two passes
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        images = to_unit(data[idx].to(device))
-        out = vqgan_losses(vqgan, images, beta=beta)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        usage.update(out["codes"], step)
-        if restart_every and step % restart_every == 0 and step < steps:
-            restarted += restart_dead_codes(vqgan, usage, out["z"], step, restart_every, generator=restart_gen)
-        recent = (recent + [{k: out[k].item() for k in ("loss", "rec", "codebook")}])[-max(log_every, 1):]
-        if log_every and step % log_every == 0:
-            history.append({"step": step, **recent[-1]})
-            log.info("vqgan step %d/%d: loss %.4f rec %.4f codebook %.4f alive %.3f", step, steps,
-                     recent[-1]["loss"], recent[-1]["rec"], recent[-1]["codebook"],
-                     usage.fraction_alive(step, max(restart_every, 1)))
-
-    vqgan.eval()
+    system = VQGANSystem(image_size=image_size, network=config.to_dict(),
+                         loss={"beta": float(beta), "restart_every": int(restart_every)},
+                         optimizer={"lr": float(lr), "betas": [float(b) for b in betas], "schedule": lr_schedule},
+                         seed=int(seed))
+    loader = DataLoader(_FrameBatches(data.permute(0, 2, 3, 1).contiguous()), batch_size=None,
+                        sampler=_Passes(len(data), batch_size, steps, seed))
+    recorder = _FitRecorder(steps, log_every)
+    accelerator = {"cuda": "gpu"}.get(device.type, device.type)
+    devices = [device.index] if device.type == "cuda" and device.index is not None else 1
+    start = time.perf_counter()
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with tempfile.TemporaryDirectory(prefix="storyexp-vqgan-") as tmp, torch.random.fork_rng(devices=rng_devices):
+        kwargs: dict[str, Any] = {
+            "accelerator": accelerator, "devices": devices, "max_epochs": 1, "max_steps": int(steps),
+            "limit_val_batches": 0, "enable_checkpointing": False, "default_root_dir": tmp,
+            "callbacks": [recorder], "gradient_clip_val": None,
+        }
+        kwargs.update(trainer_kwargs or {})
+        with quiet_lightning():
+            trainer = single_device_trainer(**kwargs)
+            trainer.fit(system, train_dataloaders=loader)
+    vqgan = system.vqgan.to(device).eval()
+    recent = recorder.recent
     report: dict[str, Any] = {k: float(np.mean([r[k] for r in recent])) for k in ("loss", "rec", "codebook")}
-    report.update(steps=steps, seconds=time.perf_counter() - start, restarted=restarted, history=history)
+    report.update(steps=int(trainer.global_step), seconds=time.perf_counter() - start,
+                  restarted=int(system.restarted_codes), history=recorder.history)
     eval_data = data if val_frames is None else frames_to_inputs(val_frames, image_size)
     codes, abs_err, recs = [], 0.0, []
     with torch.no_grad():
@@ -273,50 +334,106 @@ def fit_vqgan(
             recs.append(float(out["rec"]) * len(chunk))
             abs_err += float((to_uint8(out["reconstruction"]).float() - chunk.permute(0, 2, 3, 1).float()).abs().sum())
     report.update(codebook_usage(torch.cat(codes), config.n_embed))
+    report["mae"] = abs_err / eval_data.numel()
+    report["eval_split"] = "train" if val_frames is None else "val"
     if val_frames is not None:
         report["val_rec"] = sum(recs) / len(eval_data)
-        report["val_mae"] = abs_err / eval_data.numel()
+        report["val_mae"] = report["mae"]
     return vqgan, report
 
 
 # ------------------------------------------------------------------------------------------ save / load
 
+KIND = "stage1_vqgan"
+FIT_SETTINGS = ("image_size", "steps", "batch_size", "lr", "betas", "beta", "seed", "restart_every", "lr_schedule")
 
-def save_vqgan(vqgan: VQGAN, path: str | os.PathLike) -> Path:
-    """Write ``{"state_dict", "stage1_config"}`` atomically; `VQGAN.from_ckpt(path, config)` loads it."""
+
+def save_vqgan(vqgan: VQGAN, path: str | os.PathLike, record: dict[str, Any] | None = None) -> Path:
+    """Write ``{"state_dict", "stage1_config"}`` (+ ``record``, a `storyexp.utils.cache` record) atomically;
+    `VQGAN.from_ckpt(path, config)` loads it."""
     buffer = io.BytesIO()
     state = {k: v.detach().cpu().clone() for k, v in vqgan.state_dict().items()}
-    torch.save({"state_dict": state, "stage1_config": vqgan.config.to_dict()}, buffer)
+    payload: dict[str, Any] = {"state_dict": state, "stage1_config": vqgan.config.to_dict()}
+    if record is not None:
+        payload["record"] = record
+    torch.save(payload, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def stage1_record_config(config: VQGANConfig, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a fitted stage 1 is recorded (and compared) by: the VQGAN sizes and the fit settings, defaults filled
+    in from `fit_vqgan`'s signature (``log_every``, ``device``, ``val_frames`` do not define the result)."""
+    defaults = {name: p.default for name, p in inspect.signature(fit_vqgan).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    fit = {key: fit_kwargs.get(key, defaults.get(key)) for key in FIT_SETTINGS}
+    if fit["image_size"] is None:
+        fit["image_size"] = config.hparams.resolution
+    fit["betas"] = [float(b) for b in fit["betas"]]
+    return {"network": config.to_dict(), "fit": fit}
+
+
+def stage1_cache(shared: str | os.PathLike, datamodule, output_dir: str | os.PathLike | None,
+                 split: str = "train") -> tuple[Path, dict[str, Any]]:
+    """``(cache path, data fingerprint)`` of a stage 1 fitted on ``datamodule``'s ``split``: the ``shared`` path,
+    or, when that split is limited (``data.limit_train``), ``output_dir / <file name>`` (a limited run never
+    reads or writes the shared cache). Pass both to `load_or_fit_vqgan` (``fingerprint=``)."""
+    fingerprint = data_fingerprint(datamodule, splits=(split,))
+    return cache_path(shared, fingerprint, output_dir), fingerprint
 
 
 def load_or_fit_vqgan(
     path: str | os.PathLike,
     config: VQGANConfig,
     frames_fn: Callable[[], torch.Tensor | np.ndarray],
+    *,
+    fingerprint: dict[str, Any] | None = None,
+    max_mae: float | None = None,
+    min_usage: float | None = None,
     **fit_kwargs: Any,
 ) -> tuple[VQGAN, dict[str, Any] | None]:
-    """The cached stage 1 at ``path`` when it was trained with ``config``; otherwise train one with
+    """The cached stage 1 at ``path`` when its record matches this fit; otherwise fit one with
     `fit_vqgan(config, frames_fn(), **fit_kwargs)` (a ``val_frames`` entry may be a callable too, read only
-    then) and cache it. ``frames_fn`` is only called when fitting. Returns (VQGAN in eval mode, fit report or
-    None when loaded). An unreadable cache or one trained with another config is replaced, with a log line.
+    then) and cache it with its record. Returns (VQGAN in eval mode, fit report or None when loaded).
 
-    Only the network config is compared, not the fit settings: change ``path`` to retrain with other steps.
+    The record (`storyexp.utils.cache`): ``config`` = `stage1_record_config` (VQGAN sizes + fit settings),
+    ``data`` = ``fingerprint`` (e.g. from `stage1_cache`, which reads a few stories only) or, when None, the
+    `frames_fingerprint` of ``frames_fn()`` (then the frames are read on every call), ``quality`` = ``mae``,
+    ``usage``, ``perplexity`` (see `fit_vqgan`), ``rec``, ``restarted``. A cache without a record, unreadable, or
+    whose config or data fingerprint differs is refitted and replaced (one log line says why). A cache (or a new
+    fit, after it is written) whose ``mae`` is above ``max_mae`` or whose ``usage`` is below ``min_usage`` is
+    refused with one `ConfigurationError` line (``None``: not checked).
+
+    The caller chooses ``path``: with a limited training split, the run's own file (`stage1_cache`).
     """
+    from storyexp.utils.loading import load_file
+
     path = Path(path)
+    frames = None
+    if fingerprint is None:
+        frames = frames_fn()
+        fingerprint = frames_fingerprint(frames)
+    expected = {"kind": KIND, "config": stage1_record_config(config, fit_kwargs), "data": fingerprint}
+    floors = {"mae": ("model.network.stage1_fit.max_mae", max_mae, "max"),
+              "usage": ("model.network.stage1_fit.min_usage", min_usage, "min")}
+    fix = ("fit it longer (model.network.stage1_fit.steps; the cache is then refitted) or relax the floor.")
     if path.is_file():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            cached = stored.get("stage1_config")
-            if cached is not None and VQGANConfig.from_dict(cached) == config:
-                return VQGAN.from_ckpt(path, config), None
-            log.warning("Cached VQGAN %s was trained with another config (%s); training a new one", path, cached)
-        except Exception as err:  # an unreadable cache is rebuilt, not trusted
-            log.warning("Ignoring unreadable cached VQGAN %s (%s); training a new one", path, err)
+            stored = load_file(path, "Cached VQGAN stage 1")
+            ok, reason = matches(stored.get("record") if isinstance(stored, dict) else None, expected)
+        except Exception as err:  # noqa: BLE001 (an unreadable cache is rebuilt, not trusted)
+            ok, reason = False, f"it is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        if ok:
+            check_quality(stored["record"], path, floors, what="Cached VQGAN stage 1", fix=fix)
+            return VQGAN.from_ckpt(path, config), None
+        log.warning("Refitting the cached VQGAN stage 1 %s: %s.", path, reason)
     kwargs = dict(fit_kwargs)
     if callable(kwargs.get("val_frames")):
         kwargs["val_frames"] = kwargs["val_frames"]()
     log.info("Training a VQGAN stage 1 (cached at %s)", path)
-    vqgan, report = fit_vqgan(config, frames_fn(), **kwargs)
-    save_vqgan(vqgan, path)
+    vqgan, report = fit_vqgan(config, frames_fn() if frames is None else frames, **kwargs)
+    quality = {k: report[k] for k in ("mae", "usage", "perplexity", "rec", "restarted", "eval_split")}
+    record = make_record(KIND, expected["config"], fingerprint, quality)
+    save_vqgan(vqgan, path, record=record)
+    log.info("VQGAN stage 1 written to %s in %.1f s: %s", path, report["seconds"], quality)
+    check_quality(record, path, floors, what="Cached VQGAN stage 1", fix=fix)
     return vqgan, report

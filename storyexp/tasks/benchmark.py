@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 
 from storyexp.errors import ConfigurationError
+from storyexp.tasks.common import build_data_and_model
 from storyexp.utils.io import atomic_write_text
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -62,7 +63,8 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def run_benchmark(cfg: DictConfig, datamodule, model) -> dict[str, float]:
+def run(cfg: DictConfig) -> dict[str, float]:
+    datamodule, model = build_data_and_model(cfg)
     opts = cfg.benchmark
     steps, warmup, sample_batches = int(opts.steps), int(opts.warmup), int(opts.sample_batches)
     if steps < 1 or warmup < 0 or sample_batches < 0:

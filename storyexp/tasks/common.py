@@ -1,12 +1,7 @@
-"""Tasks: composition only. Each builds data, model, callbacks, loggers and trainer from the config and runs.
+"""What every task shares: building data, model, callbacks, loggers and trainer from the config; the checkpoint's
+model record; reporting (metrics.json, summary.json, the results table); guards.
 
-    train   fit (resuming from `ckpt_path` if given), then test the best checkpoint
-    eval    test a checkpoint (`ckpt_path` required)
-    sample  generate stories from a checkpoint: a split's stories, or captions given by the user
-    benchmark  time the model's training step and story sampling, and its peak memory (storyexp/benchmark.py)
-
-Every task writes `metrics.json` (train/eval) or PNG grids (sample) into the run's output directory and
-returns the config's `optimized_metric` so Hydra sweepers can optimise it.
+Composition only: nothing here knows a concrete system or dataset.
 """
 
 from __future__ import annotations
@@ -14,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,38 +18,21 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from storyexp.callbacks.model_record import RECORD_KEY, ModelRecord
 from storyexp.data import StoryDataError
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
-from storyexp.utils import register_resolvers
 from storyexp.utils.io import atomic_write_text
+from storyexp.utils.loading import StoryexpCheckpointIO, load_file
 
 log = logging.getLogger("storyexp")
-
-# Known, harmless notices that would otherwise bury the results: the autoencoder is deliberately kept in
-# eval mode while training, and Lightning's own pytree code triggers a torch deprecation notice.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 # what launch.py reports as a message rather than a traceback
 UserError = (StoryexpError, StoryDataError)
 
-TASKS = ("train", "eval", "sample", "benchmark")
 SUBPROCESS_DDP = {"ddp", "fsdp", "deepspeed", "ddp_find_unused_parameters_true"}
-
-
-def run_task(cfg: DictConfig) -> float | None:
-    register_resolvers()
-    if cfg.task not in TASKS:
-        raise ConfigurationError(f"Unknown task '{cfg.task}'. Known tasks: {', '.join(TASKS)}.")
-    refuse_multirun_with_subprocess_ddp(cfg)
-    try:
-        metrics = {"train": train, "eval": evaluate, "sample": sample, "benchmark": benchmark}[cfg.task](cfg)
-    finally:
-        finish_wandb()
-    return optimized_value(cfg, metrics)
-
+CKPT_HINT = "Pass a .ckpt file written by storyexp (<run>/checkpoints/)."
 
 # --------------------------------------------------------------------------------------------- builders
 
@@ -80,7 +57,9 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in _targets(cfg.get("callbacks"))]
+    callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
+    # always: every checkpoint records the model config it was trained with (eval/sample rebuild from it)
+    return callbacks + [ModelRecord(model_choice(cfg), OmegaConf.to_container(cfg.model, resolve=False))]
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -88,7 +67,10 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra = {}
+    if not cfg.trainer.get("plugins") and str(cfg.trainer.get("strategy", "auto")) in ("auto", "ddp", "ddp_spawn"):
+        extra["plugins"] = [StoryexpCheckpointIO()]  # checkpoints read through the one safe loader
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def _targets(group: DictConfig | None) -> list[DictConfig]:
@@ -128,50 +110,75 @@ def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model: L.LightningM
         logger.log_hyperparams(hparams)
 
 
-# ------------------------------------------------------------------------------------------------ tasks
+# ------------------------------------------------------------------------------------- checkpoint record
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        require_file(ckpt_path, "Checkpoint to resume from")
-    datamodule, model, trainer = build_all(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = collect_metrics(trainer)
-    if cfg.get("test_after_fit", True) and not trainer.interrupted:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("No best checkpoint was recorded; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
-        metrics.update(collect_metrics(trainer))
-    report(cfg, trainer, metrics)
-    return metrics
+def model_choice(cfg: DictConfig) -> str | None:
+    """The `model=` option this run composed (None outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("model")
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = require_ckpt(cfg)
-    datamodule, model, trainer = build_all(cfg)
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    metrics = collect_metrics(trainer)
-    report(cfg, trainer, metrics)
-    return metrics
+def _command_line(cfg: DictConfig) -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def sample(cfg: DictConfig) -> dict[str, float]:
-    from storyexp.sampling import run_sampling  # keeps the train/eval import path light
-
-    ckpt_path = require_ckpt(cfg)
-    datamodule, model, trainer = build_all(cfg)
-    outputs = run_sampling(cfg, datamodule, model, trainer, ckpt_path)
-    if trainer.is_global_zero:
-        log.info("Story PNGs written to %s", outputs)
-    return {}
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at `path`, loaded safely (memory-mapped) and checked to be one storyexp wrote."""
+    checkpoint = load_file(path, "Checkpoint (ckpt_path)", how_to_get=CKPT_HINT, mmap=True)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ConfigurationError(f"Checkpoint (ckpt_path) {path} is not a Lightning checkpoint (it has no "
+                                 f"state_dict). {CKPT_HINT}")
+    return checkpoint
 
 
-def benchmark(cfg: DictConfig) -> dict[str, float]:
-    from storyexp.benchmark import run_benchmark
+def use_checkpoint_model(cfg: DictConfig, path: str) -> None:
+    """Make `cfg.model` the model the checkpoint was trained with.
 
-    return run_benchmark(cfg, *build_data_and_model(cfg))
+    The checkpoint's record (`ModelRecord`) holds the training run's `model=` choice and model config (its
+    interpolations unresolved, so `${data.task}`, `${seed}` and the weights paths follow this run). Command-line
+    `model.*` overrides apply on top (e.g. `model.sampler.num_candidates=4`); a command-line `model=` that names
+    another model is an error naming both. A checkpoint without a record keeps the composed config.
+    """
+    record = read_checkpoint(path).get(RECORD_KEY)
+    if not isinstance(record, dict) or "config" not in record:
+        log.warning("Checkpoint %s has no storyexp model record: using the model composed from the command line.",
+                    path)
+        return
+    overrides = _command_line(cfg)
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "model"]
+    trained = record.get("model")
+    if given and trained and given[-1] != trained:
+        raise ConfigurationError(
+            f"ckpt_path {path} holds a model={trained} checkpoint but the command line says model={given[-1]}: "
+            f"drop model= (the checkpoint's own model is used) or pass a model={given[-1]} checkpoint."
+        )
+    model = OmegaConf.create(record["config"])
+    for override in overrides:  # the composed config already holds each command-line value, typed
+        key = override.split("=", 1)[0]
+        name = key.lstrip("+~")
+        if not name.startswith("model."):
+            continue
+        if key.startswith("~"):
+            parent, _, leaf = name[len("model."):].rpartition(".")
+            node = OmegaConf.select(model, parent) if parent else model
+            if node is not None and leaf in node:
+                with open_dict(node):
+                    del node[leaf]
+            continue
+        OmegaConf.update(model, name[len("model."):], OmegaConf.select(cfg, name), force_add=True)
+    with open_dict(cfg):
+        cfg.model = model
+
+
+def check_resume_model(cfg: DictConfig, path: str) -> None:
+    """Resuming (`task=train ckpt_path=...`) with another model than the checkpoint's is one error."""
+    record = read_checkpoint(path).get(RECORD_KEY)
+    trained, now = (record or {}).get("model"), model_choice(cfg)
+    if trained and now and trained != now:
+        raise ConfigurationError(f"ckpt_path {path} holds a model={trained} checkpoint; this run builds model={now}. "
+                                 f"Resume with model={trained}, or start a new run without ckpt_path.")
 
 
 # ------------------------------------------------------------------------------------------- reporting
@@ -185,15 +192,27 @@ def collect_metrics(trainer: L.Trainer) -> dict[str, float]:
     return out
 
 
-def report(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """Print the metrics and where everything went; write metrics.json (rank 0 only)."""
+def checkpoint_paths(trainer: L.Trainer) -> dict[str, str | None]:
+    """Best and last checkpoint of this run. Read right after fitting: testing a checkpoint restores the
+    checkpoint callback's state as it was when that file was written (when `last` did not exist yet)."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None:
+        return {}
+    last = ckpt.last_model_path or None
+    if last is None and ckpt.dirpath and (Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}.ckpt").is_file():
+        last = str(Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}.ckpt")
+    return {"best": ckpt.best_model_path or None, "last": last}
+
+
+def report(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float],
+           checkpoints: dict[str, str | None]) -> None:
+    """Print the metrics and where everything went; write metrics.json and summary.json (rank 0 only).
+
+    `checkpoints`: train: this run's best / last (and the one tested); eval: the checkpoint evaluated."""
     if not trainer.is_global_zero:
         return
     output_dir = Path(cfg.paths.output_dir)
-    summary: dict[str, Any] = {"metrics": dict(sorted(metrics.items()))}
-    if trainer.checkpoint_callback is not None:
-        ckpt = trainer.checkpoint_callback
-        summary["checkpoints"] = {"best": ckpt.best_model_path or None, "last": ckpt.last_model_path or None}
+    summary: dict[str, Any] = {"metrics": dict(sorted(metrics.items())), "checkpoints": dict(checkpoints)}
     grids = sorted(str(p) for p in output_dir.glob("grids/**/*.png"))
     summary["grids"] = grids
     for logger in trainer.loggers:
@@ -296,6 +315,4 @@ def finish_wandb() -> None:
     if wandb.run is not None:
         wandb.finish()
 
-
-__all__ = ["run_task", "UserError", "build_all", "collect_metrics", "TASKS"]
 

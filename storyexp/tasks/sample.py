@@ -15,67 +15,81 @@ models that draw several (`model.sampler.num_candidates`), go to story_XXX/candi
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from storyexp.callbacks.story_grid import save_png, story_grid
 from storyexp.data import Story
-from storyexp.data.datamodule import StoryItems, collate_stories
+from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError, MissingResourceError
+from storyexp.tasks.common import build_all, require_ckpt, use_checkpoint_model
+
+log = logging.getLogger("storyexp")
 
 
-def run_sampling(cfg: DictConfig, datamodule, model: L.LightningModule, trainer: L.Trainer, ckpt_path: str) -> Path:
-    stories, has_truth = sample_stories(cfg, datamodule, model)
-    batch_size = max(1, min(len(stories), int(getattr(datamodule, "per_device_batch_size", 1) or 1)))
-    loader = DataLoader(StoryItems(stories), batch_size=batch_size, shuffle=False, collate_fn=collate_stories)
-    predictions = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, weights_only=False)
+def run(cfg: DictConfig) -> dict[str, float]:
+    ckpt_path = require_ckpt(cfg)
+    use_checkpoint_model(cfg, ckpt_path)
+    given = user_stories(cfg)  # checked before anything heavy is built
+    datamodule, model, trainer = build_all(cfg)
+    if given is None:
+        stories, has_truth = split_stories(cfg, datamodule), True
+    else:
+        stories, has_truth = given, False
+    datamodule.predict_on(stories)
+    predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
     out_dir = Path(cfg.paths.output_dir) / "samples"
+    # under DDP every process writes the stories of its own shard (distinct files, as Lightning's
+    # BasePredictionWriter does); each story's file name is its position in `stories`
+    write_samples(out_dir, stories, predictions or [], model.num_targets, has_truth)
     if trainer.is_global_zero:
-        write_samples(out_dir, stories, predictions or [], model.num_targets, has_truth)
-    return out_dir
+        log.info("Story PNGs written to %s", out_dir)
+    return {}
 
 
-def sample_stories(cfg: DictConfig, datamodule, model) -> tuple[list[Story], bool]:
+def split_stories(cfg: DictConfig, datamodule) -> Sequence[Story]:
+    """The first `sample.num_stories` stories of `sample.split`."""
+    return datamodule.first_stories(cfg.sample.get("split") or "test", cfg.sample.get("num_stories"))
+
+
+def user_stories(cfg: DictConfig) -> list[Story] | None:
+    """Stories from `sample.captions` / `sample.captions_file` (None: sample a split), with the source image
+    for continuation; every story must have one caption per frame."""
     opts = cfg.sample
-    n_frames = model.num_frames
-    caption_sets = None
     if opts.get("captions"):
         caption_sets = [list(opts.captions)]
     elif opts.get("captions_file"):
         caption_sets = read_captions_file(opts.captions_file)
-    if caption_sets is None:
-        split = opts.get("split") or "test"
-        source = datamodule.stories(split)
-        n = min(int(opts.get("num_stories") or len(source)), len(source))
-        return [source[i] for i in range(n)], True
-
+    else:
+        return None
     source_frame = None
-    if model.task == "continuation":
+    if str(cfg.model.task) == "continuation":
         if not opts.get("source_image"):
             raise ConfigurationError(
                 "Story continuation needs the first frame: add sample.source_image=/path/to/frame.png "
                 "(or sample with data.task=visualization)."
             )
         source_frame = read_image(opts.source_image)
-    size = source_frame.shape[0] if source_frame is not None else model.image_size
+    size = source_frame.shape[0] if source_frame is not None else int(cfg.model.image_size)
     stories = []
     for i, captions in enumerate(caption_sets):
-        if len(captions) != n_frames:
+        if len(captions) != N_FRAMES:
+            where = "sample.captions" if opts.get("captions") else f"story {i} of {opts.captions_file}"
             raise ConfigurationError(
-                f"Story {i} has {len(captions)} captions; this model generates {n_frames}-frame stories "
-                f"(give {n_frames} captions{', the first describing the source image' if source_frame is not None else ''})."
+                f"{where} has {len(captions)} captions; stories have {N_FRAMES} frames: give {N_FRAMES} captions"
+                f"{', the first describing sample.source_image' if source_frame is not None else ''}."
             )
         # frames the model generates are only placeholders: they stay masked until generated
-        frames = [np.zeros((size, size, 3), np.uint8) for _ in range(n_frames)]
+        frames = [np.zeros((size, size, 3), np.uint8) for _ in range(N_FRAMES)]
         if source_frame is not None:
             frames[0] = source_frame
         stories.append(Story(id=f"user/{i}", captions=[str(c) for c in captions], frames=frames, labels=None))
-    return stories, False
+    return stories
 
 
 def read_captions_file(path: str) -> list[list[str]]:
@@ -108,19 +122,24 @@ def read_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(image[top:top + side, left:left + side])
 
 
-def write_samples(out_dir: Path, stories: list[Story], predictions: list[dict], n_targets: int, has_truth: bool) -> None:
-    generated = [g for batch in predictions for g in batch["generated"].cpu().numpy()]
-    # models that draw several candidates per story (model.sampler.num_candidates) return them all; the first is
-    # `generated`, the others are written beside it as candidate_K/
-    candidates = [c for batch in predictions if "candidates" in batch for c in batch["candidates"].cpu().numpy()]
-    for i, (story, frames) in enumerate(zip(stories, generated)):
-        first = len(story.frames) - n_targets
-        source = story.frames[0] if first > 0 else None
-        real = np.stack(story.frames[first:]) if has_truth else None
-        captions = list(story.captions) if source is not None else list(story.captions[first:])
-        save_png(story_grid(real, frames, captions, source_frame=source), out_dir / f"story_{i:03d}.png")
-        for k, frame in enumerate(frames):
-            save_png(frame, out_dir / f"story_{i:03d}" / f"frame_{first + k}.png")
-        for c, others in enumerate(candidates[i][1:] if i < len(candidates) else [], start=1):
-            for k, frame in enumerate(others):
-                save_png(frame, out_dir / f"story_{i:03d}" / f"candidate_{c}" / f"frame_{first + k}.png")
+def write_samples(out_dir: Path, stories: Sequence[Story], predictions: list[dict], n_targets: int,
+                  has_truth: bool) -> None:
+    """One grid and the frames per predicted story; models that draw several candidates per story
+    (`model.sampler.num_candidates`) return them all: the first is `generated`, the others are written beside it
+    as candidate_K/."""
+    for batch in predictions:
+        candidates = batch.get("candidates")
+        for row, index in enumerate(batch["index"].tolist()):
+            story, frames = stories[index], batch["generated"][row].cpu().numpy()
+            first = len(story.frames) - n_targets
+            source = story.frames[0] if first > 0 else None
+            real = np.stack(story.frames[first:]) if has_truth else None
+            captions = list(story.captions) if source is not None else list(story.captions[first:])
+            folder = out_dir / f"story_{index:03d}"
+            save_png(story_grid(real, frames, captions, source_frame=source), out_dir / f"story_{index:03d}.png")
+            for k, frame in enumerate(frames):
+                save_png(frame, folder / f"frame_{first + k}.png")
+            others = [] if candidates is None else candidates[row, 1:].cpu().numpy()
+            for c, candidate in enumerate(others, start=1):
+                for k, frame in enumerate(candidate):
+                    save_png(frame, folder / f"candidate_{c}" / f"frame_{first + k}.png")

@@ -7,7 +7,8 @@
   (tiny test configurations and the CPU demo; nothing is downloaded).
 * :func:`load_original_arldm_checkpoint` — the original AR-LDM Lightning ``.ckpt`` into a built model, strictly.
 
-Sizes (D, S, vocabularies, frame count) always come from the arguments, configs or checkpoints.
+Sizes (D, S, vocabularies, frame count) always come from the arguments, configs or checkpoints. The config-driven
+builder (`model.network`, `source: pretrained | sizes`, the typed `ARLDMSizes`) is `storyexp.models.arldm.build`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ min-dalle hard-codes two size sets (Mega: 24+24 layers, d_model 2048, GLU 4096, 
 16415; Mini: 12 / 1024 / 2730 / 50264 / 16384). Reading them from the files instead makes any converted set
 load, tiny test sets included. The only size the files cannot tell is the head count: min-dalle's models use
 head dim 64, so it defaults to d_model / 64 (Mega 32, Mini 16).
+
+A `source: sizes` model (the demo, the tiny tests) gives its sizes as `MegaSizes` (`model.network.sizes`); the
+vocabularies and the image token count follow the tokenizer and stage 1 (`MegaSizes.to_config`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 
 from storyexp.errors import ConfigurationError
+from storyexp.models.sizes import parse_sizes
 from storyexp.utils.loading import CheckpointMismatchError
 
 from .loading import layer_count
@@ -73,3 +77,32 @@ class MegaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MegaSizes:
+    """`model.network.sizes` of a `source: sizes` model: encoder and decoder both have `layers` layers."""
+
+    layers: int
+    width: int  # d_model
+    heads: int
+    glu: int  # GLU hidden width
+    text_tokens: int  # caption length in tokens
+
+    DERIVED = {
+        "text_vocab_count": "it is the tokenizer's size (model.network.words + the dataset's characters)",
+        "image_vocab_count": "it is stage 1's codebook size (model.network.stage1.n_embed)",
+        "image_token_count": "it is stage 1's code count (model.network.stage1.hparams.attn_resolutions[0] squared)",
+    }
+
+    @classmethod
+    def from_dict(cls, block: Mapping | None, where: str = "model.network.sizes") -> "MegaSizes":
+        return parse_sizes(cls, block, where, reasons=cls.DERIVED)
+
+    def to_config(self, text_vocab_count: int, image_vocab_count: int, image_token_count: int) -> MegaConfig:
+        return MegaConfig(
+            encoder_layers=self.layers, decoder_layers=self.layers, embed_count=self.width,
+            glu_embed_count=self.glu, attention_head_count=self.heads, text_vocab_count=text_vocab_count,
+            text_token_count=self.text_tokens, image_vocab_count=image_vocab_count,
+            image_token_count=image_token_count,
+        )

@@ -8,11 +8,13 @@ tokenizer/bpe-16k-{vocab.json,merges.txt}) as one module with the public API the
     logits_img, logits_txt = m.logits(ids, codes)   # teacher-forced stage-2 forward; codes may be shorter than T
     codes = m.sample(ids, top_k=..., top_p=...)     # KV-cached sampling, the original's step order
 
-config.yaml is merged over minDALL-E's defaults (the 1.3B model), as `Dalle.from_pretrained` does.
+config.yaml is merged over minDALL-E's defaults (the 1.3B model), as `Dalle.from_pretrained` does. The folder is
+read by `load_mindalle_folder`, which StoryDALL-E's pretrained build (`storyexp.models.mindalle.build`) shares.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,11 @@ from .transformer import Stage2Config, Transformer1d, positions_1d
 TOKENIZER_FILES = ("tokenizer/bpe-16k-vocab.json", "tokenizer/bpe-16k-merges.txt")
 CHECKPOINTS = ("stage1_last.ckpt", "stage2_last.ckpt")
 WHERE = "a minDALL-E folder as distributed by kakaobrain (e.g. the 1.3B release unpacked)"
+HOW_TO_GET = (
+    f"Expected {WHERE}: download minDALL-E 1.3B (https://arena.kakaocdn.net/brainrepo/models/minDALL-E/"
+    "57b008f02ceaa02b779c8b7463143315/1.3B.tar.gz) and unpack it; a StoryDALL-E config points "
+    "model.network.mindalle at the folder (README.md, 'Weights')."
+)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -47,6 +54,37 @@ def read_config(folder: Path) -> dict[str, Any]:
     return {"stage1": stage1, "stage2": stage2, "context_length": context}
 
 
+@dataclass
+class MinDalleFolder:
+    """What a minDALL-E folder holds: stage 1 loaded, the stage-2 sizes and checkpoint, the tokenizer."""
+
+    folder: Path
+    stage1: VQGAN
+    stage2_config: Stage2Config
+    stage2_checkpoint: Path
+    tokenizer: Any
+    context_length: int
+
+
+def load_mindalle_folder(folder: str | Path) -> MinDalleFolder:
+    """Read a minDALL-E folder: config.yaml (over the defaults), stage 1 strictly loaded (eval mode), the tokenizer.
+
+    Stage 2 is returned as sizes + checkpoint path for the caller to build and load (`MinDalle` loads a bare
+    `Transformer1d`, StoryDALL-E the one inside its `StoryDalleNet`). Every missing file is listed in one
+    MissingResourceError.
+    """
+    folder = Path(folder)
+    missing = [name for name in ("config.yaml", *CHECKPOINTS, *TOKENIZER_FILES) if not (folder / name).is_file()]
+    if missing:
+        raise MissingResourceError(f"minDALL-E files {', '.join(missing)}", folder, HOW_TO_GET)
+    cfg = read_config(folder)
+    stage1 = VQGAN.from_ckpt(folder / CHECKPOINTS[0], cfg["stage1"])
+    tokenizer = build_tokenizer(folder / "tokenizer", cfg["context_length"], lowercase=True, dropout=None)
+    return MinDalleFolder(folder=folder, stage1=stage1, stage2_config=cfg["stage2"],
+                          stage2_checkpoint=folder / CHECKPOINTS[1], tokenizer=tokenizer,
+                          context_length=cfg["context_length"])
+
+
 class MinDalle(nn.Module):
     def __init__(self, stage1: VQGAN, stage2: Transformer1d, tokenizer):
         super().__init__()
@@ -54,18 +92,9 @@ class MinDalle(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "MinDalle":
-        folder = Path(folder)
-        missing = [name for name in ("config.yaml", *CHECKPOINTS, *TOKENIZER_FILES) if not (folder / name).is_file()]
-        if missing:
-            raise MissingResourceError(
-                f"minDALL-E files missing in {folder}: {', '.join(missing)}. Expected {WHERE} "
-                "(README.md, 'Weights')."
-            )
-        cfg = read_config(folder)
-        stage1 = VQGAN.from_ckpt(folder / CHECKPOINTS[0], cfg["stage1"])
-        stage2 = Transformer1d.from_ckpt(cfg["stage2"], folder / CHECKPOINTS[1])
-        tokenizer = build_tokenizer(folder / "tokenizer", cfg["context_length"], lowercase=True, dropout=None)
-        return cls(stage1, stage2, tokenizer).eval()
+        parts = load_mindalle_folder(folder)
+        stage2 = Transformer1d.from_ckpt(parts.stage2_config, parts.stage2_checkpoint)
+        return cls(parts.stage1, stage2, parts.tokenizer).eval()
 
     @property
     def grid_side(self) -> int:

@@ -1,5 +1,6 @@
 """taming-transformers VQGAN (f16), as used by minDALL-E / StoryDALL-E stage 1; loads their checkpoints as-is."""
 
+from .build import build_stage1
 from .config import VQGANConfig, VQGANHParams
 from .layers import AttnBlock, Decoder, Encoder, ResnetBlock
 from .model import VQGAN
@@ -14,4 +15,5 @@ __all__ = [
     "VQGANConfig",
     "VQGANHParams",
     "VectorQuantizer",
+    "build_stage1",
 ]

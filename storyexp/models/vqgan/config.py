@@ -11,6 +11,10 @@ minDALL-E's YAML reads::
 
 Every size of the network is derived from these fields; nothing is hard-coded to the 1.3B model, so the tiny
 parity config (resolution 32, ch 32, ch_mult [2, 1]) builds with the same code.
+
+Both dataclasses are frozen. `VQGANConfig.from_dict` fills what a block leaves out with the 1.3B defaults (a
+minDALL-E config.yaml is merged over them); `VQGANConfig.from_sizes` is the strict reading of a `source: sizes`
+block (`model.network.stage1`), where every size must be given.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from storyexp.errors import ConfigurationError
+from storyexp.models.sizes import parse_sizes, unknown_key_error
 
 # GroupNorm uses this many groups everywhere (taming's `Normalize`), so every channel count must divide by it.
 NUM_GROUPS = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class VQGANHParams:
     """The ``stage1.hparams`` block (the keyword arguments of taming's Encoder/Decoder)."""
 
@@ -42,11 +47,16 @@ class VQGANHParams:
 
     def __post_init__(self):
         # YAML/omegaconf give lists (or ListConfig); keep plain tuples so the config is hashable and immutable.
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
 
 
-@dataclass
+# The sizes a `source: sizes` block must give (the other fields keep their defaults).
+SIZE_KEYS = ("embed_dim", "n_embed", "hparams", "hparams.resolution", "hparams.z_channels", "hparams.ch",
+             "hparams.ch_mult", "hparams.num_res_blocks", "hparams.attn_resolutions")
+
+
+@dataclass(frozen=True)
 class VQGANConfig:
     """The ``stage1`` block: codebook size/dimension plus the encoder/decoder hyper-parameters.
 
@@ -59,7 +69,7 @@ class VQGANConfig:
 
     def __post_init__(self):
         if isinstance(self.hparams, Mapping) or not isinstance(self.hparams, VQGANHParams):
-            self.hparams = _build(VQGANHParams, dict(self.hparams), "stage1.hparams")
+            object.__setattr__(self, "hparams", _build(VQGANHParams, dict(self.hparams), "stage1.hparams"))
         self.validate()
 
     # ---------------------------------------------------------------- derived sizes
@@ -80,14 +90,22 @@ class VQGANConfig:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VQGANConfig:
-        """Build from a ``stage1`` mapping (plain dict or omegaconf DictConfig). ``type`` (``vqgan``) is
-        accepted and checked; any other unknown key is an error rather than silently ignored."""
+    def from_dict(cls, d: Mapping[str, Any], where: str = "stage1") -> VQGANConfig:
+        """Build from a ``stage1`` mapping (plain dict or omegaconf DictConfig); absent fields keep the 1.3B
+        defaults. ``type`` (``vqgan``) is accepted and checked; any other unknown key is an error rather than
+        silently ignored. `where` names the block in messages."""
         d = dict(d)
-        kind = d.pop("type", "vqgan")
-        if kind != "vqgan":
-            raise ConfigurationError(f"stage1.type is {kind!r}; only 'vqgan' is implemented")
-        return _build(cls, d, "stage1")
+        _check_type(d, where)
+        return _build(cls, d, where)
+
+    @classmethod
+    def from_sizes(cls, d: Mapping[str, Any] | None, where: str = "model.network.stage1") -> VQGANConfig:
+        """The strict reading of a `source: sizes` stage-1 block: every size in `SIZE_KEYS` must be given (a left-out
+        size would silently become the 1.3B model's), types are checked, and any error is one line naming the key."""
+        d = dict(d) if isinstance(d, Mapping) else d
+        if isinstance(d, dict):
+            _check_type(d, where)
+        return parse_sizes(cls, d, where, required=SIZE_KEYS)
 
     @classmethod
     def from_yaml(cls, path) -> VQGANConfig:
@@ -126,9 +144,17 @@ class VQGANConfig:
             )
 
 
+def _check_type(d: dict, where: str) -> None:
+    kind = d.pop("type", "vqgan")
+    if kind != "vqgan":
+        raise ConfigurationError(f"{where}.type is {kind!r}; only 'vqgan' is implemented")
+
+
 def _build(cls, d: dict, where: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
     if unknown:
-        raise ConfigurationError(f"unknown key(s) in {where}: {unknown}")
+        raise unknown_key_error(where, unknown, names, what="key")
+    if cls is VQGANConfig and isinstance(d.get("hparams"), Mapping):
+        d = {**d, "hparams": _build(VQGANHParams, dict(d["hparams"]), f"{where}.hparams")}
     return cls(**d)

@@ -1,0 +1,211 @@
+"""The story-system contract: what every model's LightningModule offers the tasks and callbacks.
+
+Tasks and callbacks use only this interface, never a concrete system:
+
+    task, num_frames, num_targets, first_target, image_size      the story layout (continuation: frame 0 is
+                                                                  given, 1..4 generated; visualization: all 5)
+    generate(batch, captions=None, seed=None, **sampler)        uint8 [B, V, H, W, 3], V = num_targets
+    generate_candidates(batch, ..., num_candidates=K)           uint8 [B, K, V, H, W, 3]
+    tokenize(captions)                                          the token ids the model reads
+    trainable_parameter_names()                                 the trainable set
+    checkpoint_extras() / load_checkpoint_extras(checkpoint)    what travels in a checkpoint besides weights
+    check_config(model_config)  (classmethod)                  the model's options, checked before building
+
+The shared lifecycle lives here once:
+- **per-story seeding**: every random draw of validation, test and sampling comes from one generator per story,
+  seeded from the run's seed and the story's id (`story_seed`), so results do not depend on batch size, worker
+  count or process count;
+- the eval-mode toggle while sampling, the caption-truncation warning, the predict output, the steps and their
+  metrics (validation/test losses are story-weighted means kept in torchmetrics states, exact across processes),
+  the strict state-dict check on load, AdamW + warm-up/decay.
+
+A subclass builds its networks in `__init__` (after `init_layout`) and implements `losses(batch, generators)`,
+`sample_stories(batch, captions, num_candidates, settings, generators)` and `tokenize(captions)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from storyexp.data.story import N_FRAMES
+from storyexp.errors import ConfigurationError
+from storyexp.systems.schedules import configure_adamw
+from storyexp.utils.loading import check_state_dict
+
+TASKS = ("continuation", "visualization")
+MAX_TRUNCATION_WARNINGS = 5
+
+
+def story_seed(seed: int, story_id: str) -> int:
+    """A 63-bit seed for one story: the same for a story whatever batch, worker or process it lands in."""
+    digest = hashlib.sha256(f"{int(seed)}/{story_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def per_row(generators: Sequence[torch.Generator], rows_per_story: int) -> list[torch.Generator]:
+    """Each story's generator repeated for its rows (rows story-major), for samplers that take one per row."""
+    return [g for g in generators for _ in range(rows_per_story)]
+
+
+class StorySystem(L.LightningModule):
+    """Base class of every story system; see the module docstring for the contract."""
+
+    optimizer_defaults: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999)}
+    frozen_hint = "check model.train"
+    modes: tuple[str, ...] = ("finetune",)  # model.train.mode values (the first is the default)
+
+    # ------------------------------------------------------------------------------------------- config
+
+    @classmethod
+    def check_config(cls, model: dict[str, Any]) -> None:
+        """Raise one ConfigurationError line for a bad model option (called before anything is built)."""
+        task = model.get("task")
+        if task not in TASKS:
+            raise ConfigurationError(f"model.task={task!r} is not valid: it must be one of {TASKS} (data.task).")
+        mode = (model.get("train") or {}).get("mode", cls.modes[0])
+        if mode not in cls.modes:
+            raise ConfigurationError(f"model.train.mode={mode!r} is not valid for {cls.__name__}: it must be one "
+                                     f"of {cls.modes}.")
+        k = (model.get("sampler") or {}).get("num_candidates", 1)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigurationError(f"model.sampler.num_candidates={k!r} is not valid: it must be an integer >= 1.")
+
+    def init_layout(self, task: str, image_size: int) -> None:
+        if task not in TASKS:
+            raise ConfigurationError(f"model.task={task!r} is not valid: it must be one of {TASKS} (data.task).")
+        self.task = task
+        self.image_size = int(image_size)
+        self.num_frames = N_FRAMES
+        self.num_targets = N_FRAMES - 1 if task == "continuation" else N_FRAMES
+        self._warned_long = 0
+        self._eval_means = torch.nn.ModuleDict()
+
+    @property
+    def first_target(self) -> int:
+        return self.num_frames - self.num_targets
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [name for name, param in self.named_parameters() if param.requires_grad]
+
+    # ------------------------------------------------------------------------------------ subclass hooks
+
+    def losses(self, batch: dict[str, Any], generators: list[torch.Generator] | None) -> dict[str, torch.Tensor]:
+        """{"loss": ..., other terms}; random draws from `generators` (one per story) when given."""
+        raise NotImplementedError
+
+    def sample_stories(self, batch: dict[str, Any], captions: list[list[str]] | None, num_candidates: int,
+                       settings: dict[str, Any], generators: list[torch.Generator]) -> torch.Tensor:
+        """uint8 [B, K, V, H, W, 3]; every random draw of story b from generators[b]."""
+        raise NotImplementedError
+
+    def tokenize(self, captions: list[str]):
+        raise NotImplementedError
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {}
+
+    def load_checkpoint_extras(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what `checkpoint_extras` saved (before the weights are checked and loaded)."""
+
+    # -------------------------------------------------------------------------------------------- seeding
+
+    def story_generators(self, batch: dict[str, Any], seed: int | None = None) -> list[torch.Generator]:
+        base = int(self.hparams.seed if seed is None else seed)
+        return [torch.Generator(device=self.device).manual_seed(story_seed(base, str(sid))) for sid in batch["ids"]]
+
+    # -------------------------------------------------------------------------------------------- steps
+
+    def training_step(self, batch, batch_idx):
+        out = self.losses(batch, None)
+        for key, value in out.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=len(batch["ids"]))
+        return out["loss"]
+
+    def _eval_step(self, stage: str, batch) -> torch.Tensor:
+        out = self.losses(batch, self.story_generators(batch))
+        for key, value in out.items():
+            name = f"{stage}/{key}"
+            if name not in self._eval_means:  # story-weighted mean, summed across processes in float64
+                self._eval_means[name] = MeanMetric().set_dtype(torch.float64).to(self.device)
+            mean = self._eval_means[name]
+            mean.update(value.detach().double(), weight=len(batch["ids"]))
+            self.log(name, mean, prog_bar=key == "loss", batch_size=len(batch["ids"]),
+                     metric_attribute=f"_eval_means.{name}")
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step("test", batch)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        k = int(self.hparams.sampler.get("num_candidates", 1))
+        candidates = self.generate_candidates(batch, num_candidates=k)
+        out = {"ids": batch["ids"], "index": batch["index"], "captions": batch["captions"],
+               "generated": candidates[:, 0]}
+        if k > 1:
+            out["candidates"] = candidates
+        return out
+
+    # -------------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], captions: list[list[str]] | None = None, seed: int | None = None,
+                 **sampler_overrides) -> torch.Tensor:
+        """Sample whole stories: uint8 [B, V, H, W, 3], one candidate per story. `captions` replaces the batch's
+        (the caption-shuffling baseline); `seed` replaces the run's."""
+        return self.generate_candidates(batch, captions=captions, seed=seed, num_candidates=1,
+                                        **sampler_overrides)[:, 0]
+
+    @torch.no_grad()
+    def generate_candidates(self, batch: dict[str, Any], captions: list[list[str]] | None = None,
+                            seed: int | None = None, num_candidates: int = 1, **sampler_overrides) -> torch.Tensor:
+        """uint8 [B, K, V, H, W, 3]: K independent stories per input story (no re-ranking), each story drawn
+        from its own generator (`story_seed`)."""
+        settings = {**self.hparams.sampler, **sampler_overrides}
+        if int(num_candidates) < 1:
+            raise ConfigurationError(f"num_candidates must be >= 1, got {num_candidates}")
+        with self.sampling_mode():
+            return self.sample_stories(batch, captions, int(num_candidates), settings,
+                                       self.story_generators(batch, seed))
+
+    @contextmanager
+    def sampling_mode(self):
+        """Eval mode while sampling (no dropout), the previous mode restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def warn_truncated(self, cut: list[str], limit: str) -> None:
+        """The caption-truncation warning (the originals crashed on over-long captions), at most a few times."""
+        if cut and self._warned_long < MAX_TRUNCATION_WARNINGS:
+            self._warned_long += 1
+            warnings.warn(f"{len(cut)} caption(s) were truncated to {limit}, e.g. {cut[0][:80]!r}.", stacklevel=3)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.update(self.checkpoint_extras())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_checkpoint_extras(checkpoint)
+        # one line naming the problems, before Lightning's strict load would raise a long RuntimeError
+        check_state_dict(self.state_dict(), checkpoint.get("state_dict", {}), "Checkpoint (ckpt_path)")
+
+    # ------------------------------------------------------------------------------------ optimizers
+
+    def configure_optimizers(self):
+        return configure_adamw(self, self.hparams.optimizer, self.hparams.lr_schedule,
+                               defaults=self.optimizer_defaults, frozen_hint=self.frozen_hint)

@@ -1,0 +1,85 @@
+"""The whole config is checked before anything heavy is built: every mistake is one line naming key, value and fix.
+
+What is checked here: that the config resolves, the trainer's run-length / device / precision keys, the data
+loader sizes, `seed`, and the model's own options through its system's `check_config` (the story-system contract,
+`storyexp.systems.base.StorySystem.check_config`), located from `model._target_` without building anything.
+Lightning and the systems would reject most of these too, but only after data and weights are loaded, and with a
+traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from storyexp.errors import ConfigurationError
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _require(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigurationError(f"{key}={value!r} is not valid: it must be {want}.")
+
+
+# key -> (test, what it must be); None is always allowed for the keys listed in OPTIONAL
+TRAINER_KEYS = {
+    "max_epochs": (lambda v: _is_int(v) and v >= -1, "an integer >= -1 (-1: no epoch limit)"),
+    "max_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1 (-1: no step limit)"),
+    "num_nodes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "check_val_every_n_epoch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 or null"),
+    "val_check_interval": (lambda v: _is_number(v) and v > 0, "a number > 0 (steps, or a fraction of an epoch) or null"),
+    "gradient_clip_val": (lambda v: _is_number(v) and v >= 0, "a number >= 0 or null"),
+    "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= -1"),
+    **{f"limit_{split}_batches": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (batches, or a fraction in "
+                                  "(0, 1]) or null") for split in ("train", "val", "test", "predict")},
+    "precision": (lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "devices": (lambda v: (_is_int(v) and v >= -1) or v == "auto" or isinstance(v, list) or
+                (isinstance(v, str) and v.replace(",", "").isdigit()), "a device count, -1, 'auto' or a list of ids"),
+}
+OPTIONAL = {"check_val_every_n_epoch", "val_check_interval", "gradient_clip_val", "limit_train_batches",
+            "limit_val_batches", "limit_test_batches", "limit_predict_batches"}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    resolved = _resolved(cfg)
+    _require(resolved.get("seed") is None or _is_int(resolved.get("seed")), "seed", resolved.get("seed"),
+             "an integer or null")
+    trainer = resolved.get("trainer") or {}
+    for key, (test, want) in TRAINER_KEYS.items():
+        if key in trainer and not (trainer[key] is None and key in OPTIONAL):
+            _require(trainer[key] is not None and test(trainer[key]), f"trainer.{key}", trainer[key], want)
+    data = resolved.get("data") or {}
+    if "batch_size" in data:
+        _require(_is_int(data["batch_size"]) and data["batch_size"] >= 1, "data.batch_size", data["batch_size"],
+                 "an integer >= 1 (the global batch, split across processes)")
+    if "num_workers" in data:
+        _require(_is_int(data["num_workers"]) and data["num_workers"] >= 0, "data.num_workers", data["num_workers"],
+                 "an integer >= 0")
+    model = cfg.get("model")
+    if model is not None and "_target_" in model:
+        check = getattr(get_class(str(model._target_)), "check_config", None)
+        if check is not None:
+            check(resolved["model"])
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain values; an interpolation or value that cannot resolve is one line naming its key."""
+    try:
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigurationError(f"config key {key} does not resolve: {str(err).splitlines()[0]}") from None
