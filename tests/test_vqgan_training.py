@@ -25,10 +25,10 @@ from storyexp.systems.vqgan_training import (
     load_or_fit_vqgan,
     restart_dead_codes,
     save_vqgan,
-    to_unit,
     vqgan_losses,
 )
 from storyexp.tasks import build_datamodule, build_model, run_task
+from storyexp.utils.images import minus_one_one
 
 from .conftest import TINY_DEMO, TINY_RUN, compose_cfg
 
@@ -58,7 +58,7 @@ def seeded_vqgan(config: VQGANConfig, seed: int = 0) -> VQGAN:
 
 def test_losses_are_the_vq_vae_terms(frames):
     vqgan = seeded_vqgan(tiny_config())
-    images = to_unit(frames_to_inputs(frames[:4], 16))
+    images = minus_one_one(frames_to_inputs(frames[:4], 16))
     assert images.shape == (4, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
     out = vqgan_losses(vqgan, images, beta=0.25)
     z = vqgan._pre_quant(images)
@@ -88,7 +88,7 @@ def test_codebook_usage_and_perplexity():
 def test_restart_reinitialises_dead_codes_to_encoder_outputs(frames):
     config = tiny_config()
     vqgan = seeded_vqgan(config)
-    images = to_unit(frames_to_inputs(frames[:8], 16))
+    images = minus_one_one(frames_to_inputs(frames[:8], 16))
     with torch.no_grad():
         z = vqgan._pre_quant(images)
         # a collapsed codebook: every row far from the latents, row 0 nearest to all of them
@@ -153,7 +153,7 @@ def test_save_and_from_ckpt_round_trip(frames, tmp_path):
     stored = torch.load(path, map_location="cpu", weights_only=True)
     assert stored["stage1_config"] == config.to_dict()
     loaded = VQGAN.from_ckpt(path, config)
-    images = to_unit(frames_to_inputs(frames[:6], 16))
+    images = minus_one_one(frames_to_inputs(frames[:6], 16))
     with torch.no_grad():
         assert torch.equal(loaded.get_codes(images), vqgan.get_codes(images))
         codes = vqgan.get_codes(images).view(6, 8, 8)
@@ -250,7 +250,7 @@ def test_demo_config_composes_and_instantiates(tmp_path):
     assert model.image_size == 32 and model.config.latent_dim == 8 and model.config.num_codes == 64
     assert model.num_targets == 5 and model.task == "visualization"
     frames = torch.from_numpy(np.stack(generate_demo_story(0, "train", 0, 64).frames))[None]
-    generated = model.generate({"frames": frames})
+    generated = model.generate({"frames": frames, "ids": ["train/0"]})
     assert generated.shape == (1, 5, 32, 32, 3) and generated.dtype == torch.uint8
     with pytest.raises(ConfigurationError, match="image_size"):
         build_model(compose_cfg(["model=vqgan_demo", "model.network.hparams.resolution=64",

@@ -148,7 +148,7 @@ class StorySystem(L.LightningModule):
         return self._eval_step("test", batch)
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        k = int(self.hparams.sampler.get("num_candidates", 1))
+        k = int((self.hparams.get("sampler") or {}).get("num_candidates", 1))
         candidates = self.generate_candidates(batch, num_candidates=k)
         out = {"ids": batch["ids"], "index": batch["index"], "captions": batch["captions"],
                "generated": candidates[:, 0]}
@@ -171,7 +171,7 @@ class StorySystem(L.LightningModule):
                             seed: int | None = None, num_candidates: int = 1, **sampler_overrides) -> torch.Tensor:
         """uint8 [B, K, V, H, W, 3]: K independent stories per input story (no re-ranking), each story drawn
         from its own generator (`story_seed`)."""
-        settings = {**self.hparams.sampler, **sampler_overrides}
+        settings = {**(self.hparams.get("sampler") or {}), **sampler_overrides}
         if int(num_candidates) < 1:
             raise ConfigurationError(f"num_candidates must be >= 1, got {num_candidates}")
         with self.sampling_mode():

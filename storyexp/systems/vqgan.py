@@ -16,22 +16,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError
 from storyexp.models.vqgan import VQGAN, VQGANConfig
-from storyexp.utils.images import resize_uint8
+from storyexp.systems.base import StorySystem
+from storyexp.utils.images import minus_one_one, resize_uint8, uint8_from_minus_one_one
 from storyexp.systems.vqgan_training import (
     CodeUsage,
     codebook_usage,
     pick_candidates,
     restart_dead_codes,
     save_vqgan,
-    to_uint8,
-    to_unit,
     vqgan_losses,
 )
 
@@ -40,7 +37,7 @@ log = logging.getLogger(__name__)
 LR_SCHEDULES = ("cosine", "constant")
 
 
-class VQGANSystem(L.LightningModule):
+class VQGANSystem(StorySystem):
     """Stage-1 training: VQ-VAE loss (L1 + MSE reconstruction, codebook + beta * commitment) with dead-code
     restart, Adam with taming's betas.
 
@@ -59,8 +56,19 @@ class VQGANSystem(L.LightningModule):
         seed: initialises the network (in a forked RNG, so the weights depend on it alone) and the restarts.
     """
 
-    task = "visualization"  # every frame of a story is "generated" (reconstructed)
-    num_frames = N_FRAMES
+    @classmethod
+    def check_config(cls, model: dict[str, Any]) -> None:
+        """Its own options only: there is no task or sampler (every frame is reconstructed)."""
+        resolution = ((model.get("network") or {}).get("hparams") or {}).get("resolution")
+        if resolution is not None and int(resolution) != int(model.get("image_size")):
+            raise ConfigurationError(
+                f"model.image_size={model.get('image_size')} differs from model.network.hparams.resolution="
+                f"{resolution}: the VQGAN's code grid is defined at its resolution; make them equal."
+            )
+        schedule = (model.get("optimizer") or {}).get("schedule", "cosine")
+        if schedule not in LR_SCHEDULES:
+            raise ConfigurationError(f"model.optimizer.schedule={schedule!r} is not valid: it must be one of "
+                                     f"{LR_SCHEDULES}.")
 
     def __init__(
         self,
@@ -74,19 +82,12 @@ class VQGANSystem(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.image_size = int(image_size)
+        self.check_config(dict(self.hparams))
+        self.init_layout("visualization", image_size)  # every frame of a story is "generated" (reconstructed)
         self.config = VQGANConfig.from_dict(network)
-        if self.config.hparams.resolution != self.image_size:
-            raise ConfigurationError(
-                f"model.image_size {self.image_size} differs from model.network.hparams.resolution "
-                f"{self.config.hparams.resolution}: the VQGAN's code grid is defined at its resolution"
-            )
         loss = dict(loss or {})
         self.beta = float(loss.get("beta", 0.25))
         self.restart_every = int(loss.get("restart_every", 0) or 0)
-        schedule = dict(optimizer or {}).get("schedule", "cosine")
-        if schedule not in LR_SCHEDULES:
-            raise ConfigurationError(f"model.optimizer.schedule is {schedule!r}; expected one of {LR_SCHEDULES}")
         self.export_path = Path(export_path) if export_path else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -99,10 +100,6 @@ class VQGANSystem(L.LightningModule):
         self.last_losses: dict[str, torch.Tensor] = {}  # the last training step's loss, rec, codebook
         self.restarted_codes = 0  # codes restarted in this process's fit (all of them, every restart)
 
-    @property
-    def num_targets(self) -> int:
-        return self.num_frames
-
     # ------------------------------------------------------------------------------------ batch preparation
 
     def prepare_batch(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -110,7 +107,7 @@ class VQGANSystem(L.LightningModule):
         frames: torch.Tensor = batch["frames"]
         if frames.dim() != 5 or frames.dtype != torch.uint8 or frames.shape[-1] != 3:
             raise ValueError(f"expected frames uint8 [B, F, H, W, 3], got {tuple(frames.shape)} {frames.dtype}")
-        return to_unit(resize_uint8(frames.reshape(-1, *frames.shape[2:]), self.image_size))
+        return minus_one_one(resize_uint8(frames.reshape(-1, *frames.shape[2:]), self.image_size))
 
     # --------------------------------------------------------------------------------------------- steps
 
@@ -160,11 +157,11 @@ class VQGANSystem(L.LightningModule):
         self.restarted_codes += restarted
         self.log("train/restarted_codes", float(restarted), batch_size=1)
 
-    def _eval_step(self, batch, prefix: str) -> torch.Tensor:
+    def _score(self, batch, prefix: str) -> torch.Tensor:
         images = self.prepare_batch(batch)
         out = vqgan_losses(self.vqgan, images, beta=self.beta)
         n = images.shape[0]
-        mae = (to_uint8(out["reconstruction"]).float() - to_uint8(images).float()).abs().mean()
+        mae = (uint8_from_minus_one_one(out["reconstruction"]).float() - uint8_from_minus_one_one(images).float()).abs().mean()
         self.log(f"{prefix}/loss", out["loss"], prog_bar=prefix == "val", sync_dist=True, batch_size=n)
         self.log(f"{prefix}/rec", out["rec"], sync_dist=True, batch_size=n)
         self.log(f"{prefix}/mae", mae, sync_dist=True, batch_size=n)  # per pixel, on the [0, 255] scale
@@ -191,35 +188,27 @@ class VQGANSystem(L.LightningModule):
         self._eval_counts = None
 
     def validation_step(self, batch, batch_idx):
-        return self._eval_step(batch, "val")
+        return self._score(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_usage("val")
 
     def test_step(self, batch, batch_idx):
-        return self._eval_step(batch, "test")
+        return self._score(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_usage("test")
 
-    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return {"ids": batch["ids"], "captions": batch["captions"], "generated": self.generate(batch)}
-
     # --------------------------------------------------------------------------------------- "generation"
 
-    @torch.no_grad()
-    def generate(self, batch: dict[str, Any], captions: list[list[str]] | None = None, seed: int | None = None,
-                 **_: Any) -> torch.Tensor:
-        """Reconstructions of every frame: uint8 [B, F, R, R, 3]. Captions and seed are unused (the
-        reconstruction is deterministic); they are accepted for the story callbacks' interface."""
+    def sample_stories(self, batch, captions, num_candidates: int, settings: dict[str, Any],
+                       generators) -> torch.Tensor:
+        """Reconstructions of every frame, uint8 [B, K, F, R, R, 3] (deterministic: the K candidates are equal;
+        captions and generators are unused, accepted for the story-system contract)."""
         frames: torch.Tensor = batch["frames"]
-        was_training = self.training
-        self.eval()
-        try:
-            rec = to_uint8(self.vqgan(self.prepare_batch(batch)))
-        finally:
-            self.train(was_training)
-        return rec.reshape(frames.shape[0], frames.shape[1], *rec.shape[1:])
+        rec = uint8_from_minus_one_one(self.vqgan(self.prepare_batch(batch)))
+        rec = rec.reshape(frames.shape[0], 1, frames.shape[1], *rec.shape[1:])
+        return rec.expand(-1, num_candidates, *rec.shape[2:])
 
     # ---------------------------------------------------------------------------------------------- export
 

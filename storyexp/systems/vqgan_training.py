@@ -44,6 +44,7 @@ from storyexp.utils.cache import (
     quiet_lightning,
     single_device_trainer,
 )
+from storyexp.utils.images import minus_one_one, resize_uint8, uint8_from_minus_one_one
 from storyexp.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ __all__ = [
     "save_vqgan",
     "stage1_cache",
     "stage1_record_config",
-    "to_uint8",
-    "to_unit",
     "vqgan_losses",
 ]
 
@@ -159,9 +158,7 @@ def pick_candidates(z: torch.Tensor, n: int, generator: torch.Generator | None =
 
 def frames_to_inputs(frames: torch.Tensor | np.ndarray, image_size: int, chunk: int = 2048) -> torch.Tensor:
     """uint8 frames [N, H, W, 3] -> uint8 [N, 3, image_size, image_size] (antialiased bilinear, as
-    `storyexp.systems.arldm.resize_uint8`), in chunks to bound memory. Map to [-1, 1] with `to_unit`."""
-    from storyexp.utils.images import resize_uint8
-
+    `storyexp.utils.images.resize_uint8`), in chunks to bound memory. Map to [-1, 1] with `minus_one_one`."""
     x = torch.as_tensor(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [N, H, W, 3], got {tuple(x.shape)} {x.dtype}")
@@ -171,21 +168,11 @@ def frames_to_inputs(frames: torch.Tensor | np.ndarray, image_size: int, chunk: 
     return torch.cat([resize_uint8(x[i : i + chunk], image_size) for i in range(0, len(x), chunk)])
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [.., 3, R, R] -> float in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Decoder output [N, 3, R, R] in [-1, 1] (unclamped) -> uint8 [N, R, R, 3]."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 @torch.no_grad()
 def reconstruct(vqgan: VQGAN, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """uint8 [N, 3, R, R] -> reconstructed uint8 [N, R, R, 3] (encode, quantise, decode)."""
     device = next(vqgan.parameters()).device
-    outs = [to_uint8(vqgan(to_unit(inputs[i : i + batch_size].to(device)))).cpu()
+    outs = [uint8_from_minus_one_one(vqgan(minus_one_one(inputs[i : i + batch_size].to(device)))).cpu()
             for i in range(0, len(inputs), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, *inputs.shape[2:], 3, dtype=torch.uint8)
 
@@ -329,10 +316,10 @@ def fit_vqgan(
     with torch.no_grad():
         for i in range(0, len(eval_data), 256):
             chunk = eval_data[i : i + 256].to(device)
-            out = vqgan_losses(vqgan, to_unit(chunk), beta=beta)
+            out = vqgan_losses(vqgan, minus_one_one(chunk), beta=beta)
             codes.append(out["codes"].cpu())
             recs.append(float(out["rec"]) * len(chunk))
-            abs_err += float((to_uint8(out["reconstruction"]).float() - chunk.permute(0, 2, 3, 1).float()).abs().sum())
+            abs_err += float((uint8_from_minus_one_one(out["reconstruction"]).float() - chunk.permute(0, 2, 3, 1).float()).abs().sum())
     report.update(codebook_usage(torch.cat(codes), config.n_embed))
     report["mae"] = abs_err / eval_data.numel()
     report["eval_split"] = "train" if val_frames is None else "val"

@@ -31,6 +31,8 @@ from diffusers.models.attention_processor import (
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from storyexp.utils.images import uint8_from_zero_one
+
 from .blip import BlipMultimodalEncoder, blip_null_image, blip_preprocess
 from .context import assemble_context, context_mask, keep_mask, unconditional_mask
 
@@ -158,8 +160,7 @@ def masked_unet_forward(
 
 def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
     """VAE output [N, 3, H, W] in about [-1, 1] -> uint8 [N, H, W, 3]: round(255 * clamp(x/2 + 0.5, 0, 1))."""
-    x = (decoded.float() / 2 + 0.5).clamp(0, 1)
-    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return uint8_from_zero_one(decoded.float() / 2 + 0.5)
 
 
 class ARLDM(nn.Module):
