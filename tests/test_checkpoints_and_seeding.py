@@ -187,7 +187,7 @@ def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_di
     each test story is scored once (the distributed sampler's padding is dropped)."""
     path, _ = checkpoint
     overrides = [o for o in TINY_DEMO + NO_MODEL if not o.startswith("trainer=")] + EVAL + [
-        f"ckpt_path={path}", "trainer.limit_test_batches=null", "data.batch_size=3"]
+        f"ckpt_path={path}", "trainer.limit_test_batches=null", "data.batch_size=6"]
     outs = {}
     for trainer in ("cpu", "ddp_cpu"):
         env = {**os.environ, "WANDB_MODE": "disabled", "STORYEXP_DATA_DIR": str(shared_data_dir)}

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 import storyexp.data as sd
-from tests.data_paths import fixtures_dir
 from storyexp.data import (
     DEMO_CHARACTERS,
     HDF5Stories,
@@ -30,6 +29,8 @@ from storyexp.data import (
     write_stories_hdf5,
 )
 from storyexp.data.demo import DEMO_COLOURS, DEMO_SCENES, PAIR_ACTIONS, SINGLE_ACTIONS, generate_demo_stories
+from storyexp.errors import ConfigurationError
+from tests.data_paths import fixtures_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = fixtures_dir()
@@ -390,7 +391,7 @@ def test_datamodule_global_batch_size_and_limits(demo_file):
     assert [i for b in dm.test_dataloader() for i in b["index"].tolist()] == list(range(5))
     bad = _dm(demo_file, batch_size=6)
     bad.trainer = SimpleNamespace(world_size=4)
-    with pytest.raises(ValueError, match="batch_size 6 is not divisible.*world_size 4"):
+    with pytest.raises(ConfigurationError, match=r"data.batch_size=6 \(the global batch\) is not divisible"):
         bad.setup("fit")
     with pytest.raises(ValueError, match="known datasets"):
         StoryDataModule(name="coco", path=demo_file)

@@ -389,9 +389,9 @@ class StoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         world_size = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
         if self.batch_size % world_size:
-            raise ValueError(
-                f"global batch_size {self.batch_size} is not divisible by the number of processes "
-                f"(world_size {world_size}); choose a multiple of {world_size}"
+            raise ConfigurationError(
+                f"data.batch_size={self.batch_size} (the global batch) is not divisible by the {world_size} "
+                f"processes: choose a multiple of {world_size}"
             )
         self.per_device_batch_size = self.batch_size // world_size
         if self.trainer is None and self.generates:

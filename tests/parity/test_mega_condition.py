@@ -17,7 +17,13 @@ from tests.conftest import parity_dir
 
 MEGA = parity_dir() / "mega"
 
-from storyexp.models.mega import DalleBartDecoder, is_condition_key, sample_image_tokens  # noqa: E402
+from storyexp.models.draws import multinomial  # noqa: E402
+from storyexp.models.mega import (  # noqa: E402
+    DalleBartDecoder,
+    decoder_step_weights,
+    is_condition_key,
+    sample_image_tokens,
+)
 
 LAYERS = 6  # two condition layers (2 and 5)
 CONDITION_PARTS = ("pre_condition_attn_layer_norm", "condition_attn.", "condition_attn_layer_norm", "condition_gate")
@@ -175,18 +181,49 @@ def test_gate_none_is_the_original_ungated_residual():
         assert not torch.allclose(net(prev, enc, mask, condition), net(prev, enc, mask), atol=1e-3)
 
 
+SAMPLER = dict(top_k=8, temperature=1.0, supercondition_factor=3.0)
+
+
+@torch.no_grad()
+def driven_tokens(net, prev0, enc, mask, condition, steps: int, *, teacher=None, generator=None, sampled_vocab=None):
+    """`sample_image_tokens`' loop run here from its public step `decoder_step_weights`: (tokens [B, steps],
+    per-step logits [2B, V]). With `teacher` the given tokens are fed; otherwise they are drawn as it draws."""
+    cache = net.new_cache(enc.shape[0])
+    prev = torch.full((enc.shape[0] // 2, 1), prev0, dtype=torch.long)
+    vocab = {} if sampled_vocab is None else dict(sampled_vocab=sampled_vocab)
+    tokens, logits = [], []
+    for step in range(steps):
+        step_logits, weights = decoder_step_weights(net, prev, enc, mask, cache, condition_state=condition,
+                                                    **SAMPLER, **vocab)  # fmt: skip
+        logits.append(step_logits)
+        prev = teacher[:, step : step + 1] if teacher is not None else multinomial(weights, 1, generator=generator)
+        tokens.append(prev)
+    return torch.cat(tokens, dim=1), logits
+
+
 def test_cached_sampler_matches_teacher_forcing_with_condition():
     net = open_gates(build(True))
     prev, enc, mask, condition = inputs(batch=4)  # two "unconditional" rows, then two caption rows
     half = prev.shape[0] // 2
     teacher = prev[:half, 1:]
-    logits_seen = []
-    tokens = sample_image_tokens(net, enc, mask, top_k=8, temperature=1.0, supercondition_factor=3.0,
-                                 num_tokens=teacher.shape[1], start_token=int(prev[0, 0]), teacher_tokens=teacher,
-                                 condition_state=condition, condition_mask=None,
-                                 on_step=lambda step, logits, weights: logits_seen.append(logits))  # fmt: skip
+    tokens, logits_seen = driven_tokens(net, int(prev[0, 0]), enc, mask, condition, teacher.shape[1], teacher=teacher)
     assert torch.equal(tokens, teacher)
     full_prev = torch.cat([torch.full((half, 1), int(prev[0, 0])), teacher], dim=1)[:, :-1].repeat(2, 1)
     with torch.no_grad():
         full = net(full_prev, enc, mask, condition)
     torch.testing.assert_close(torch.stack(logits_seen, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_driven_loop_is_the_sampler():
+    """The loop the tests drive, drawing as production draws, is `sample_image_tokens` exactly (same tokens), with
+    one seeded generator and with one generator per row group (`storyexp.models.draws`)."""
+    net = open_gates(build(True))
+    prev, enc, mask, condition = inputs(batch=4)
+    start, steps, vocab = int(prev[0, 0]), 12, 64  # a small codebook, so that the draws are not all the same
+    one = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    per_row = lambda: [torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)]  # noqa: E731
+    for generator in (one, per_row):
+        driven, _ = driven_tokens(net, start, enc, mask, condition, steps, generator=generator(), sampled_vocab=vocab)
+        produced = sample_image_tokens(net, enc, mask, **SAMPLER, generator=generator(), num_tokens=steps,
+                                       start_token=start, sampled_vocab=vocab, condition_state=condition)  # fmt: skip
+        assert torch.equal(driven, produced)

@@ -5,6 +5,10 @@ image. Every step is also checked teacher-forced by the recorded tokens (logits,
 weights), so a numerical drift would be reported at the step it starts. The recorded tokens themselves are
 reproduced exactly: `sample(seed=...)` makes the original's RNG calls (one `torch.multinomial` per step on a
 generator seeded like `torch.manual_seed(seed)`) on weights that come out bitwise equal here.
+
+The sampler knows nothing of these tests: they run its loop themselves from the public step
+(`decoder_step_weights`, which returns each step's logits and weights) and feed the recorded tokens instead of
+drawing; `test_driven_loop_is_the_sampler` shows that loop, drawing as production does, is `MegaDalle.sample`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -20,7 +25,9 @@ from tests.conftest import parity_dir
 
 MEGA = parity_dir() / "mega"
 
-from storyexp.models.mega import START_TOKEN, MegaDalle, unconditional_ids  # noqa: E402
+from storyexp.models.draws import multinomial  # noqa: E402
+from storyexp.models.mega import START_TOKEN, MegaDalle, decoder_step_weights, unconditional_ids  # noqa: E402
+from storyexp.models.mega.tokenizer import PAD_ID  # noqa: E402
 
 ATOL = 1e-4  # README §3: BART outputs
 WEIGHT_RTOL = 1e-4  # README §3: multinomial weights
@@ -66,17 +73,39 @@ def test_text_tokens_and_encoder_state(model):
     torch.testing.assert_close(state, p["encoder_state"], atol=ATOL, rtol=0)
 
 
+class DrivenRun(NamedTuple):
+    tokens: torch.Tensor  # [n, steps]
+    logits: list[torch.Tensor]  # per step [2n, V]
+    weights: list[torch.Tensor]  # per step [n, 2^14]
+
+
+@torch.no_grad()
+def driven_run(model, ids, *, teacher=None, generator=None) -> DrivenRun:
+    """`MegaDalle.sample`'s loop run here from its public step: the text as [unconditional rows; caption rows],
+    then one `decoder_step_weights` per token. With `teacher` [n, >= steps] the recorded tokens are fed (no RNG
+    is used); otherwise each token is drawn as the sampler draws it (`multinomial(weights, 1, generator=...)`)."""
+    text = torch.cat([unconditional_ids(ids), ids], dim=0)
+    state, mask = model.encode_text(text), text != PAD_ID
+    cache = model.decoder.new_cache(text.shape[0])
+    prev = torch.full((ids.shape[0], 1), START_TOKEN, dtype=torch.long)
+    tokens, logits, weights = [], [], []
+    for step in range(model.decoder.image_token_count):
+        step_logits, step_weights = decoder_step_weights(model.decoder, prev, state, mask, cache, **settings())
+        logits.append(step_logits)
+        weights.append(step_weights)
+        if teacher is not None:
+            prev = teacher[:, step : step + 1]
+        else:
+            prev = multinomial(step_weights, 1, generator=generator)
+        tokens.append(prev)
+    return DrivenRun(torch.cat(tokens, dim=1), logits, weights)
+
+
 def teacher_forced_run(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The cached sampler fed the recorded tokens: per-step logits [2n, V] and weights [n, 2^14]."""
-    logits, weights = [], []
-
-    def on_step(step, step_logits, step_weights):
-        logits.append(step_logits.clone())
-        weights.append(step_weights.clone())
-
-    tokens = model.sample(caption_ids(model), **settings(), teacher_tokens=record()["image_tokens"], on_step=on_step)
-    assert torch.equal(tokens, record()["image_tokens"])
-    return logits, weights
+    """The cached steps fed the recorded tokens: per-step logits [2n, V] and weights [n, 2^14]."""
+    run = driven_run(model, caption_ids(model), teacher=record()["image_tokens"])
+    assert torch.equal(run.tokens, record()["image_tokens"])
+    return run.logits, run.weights
 
 
 def test_cached_steps_teacher_forced(model):
@@ -119,6 +148,20 @@ def test_seeded_sampling_reproduces_the_recorded_tokens(model):
         assert torch.equal(model.sample(caption_ids(model), **settings()), p["image_tokens"])
     finally:
         torch.random.set_rng_state(state)
+
+
+def test_driven_loop_is_the_sampler(model):
+    """The loop the tests drive, drawing as production draws, gives `MegaDalle.sample`'s tokens exactly: with the
+    record's seed (so also the recorded tokens), and with one generator per image (`storyexp.models.draws`)."""
+    p = record()
+    ids = caption_ids(model)
+    driven = driven_run(model, ids, generator=torch.Generator().manual_seed(p["seed"]))
+    assert torch.equal(driven.tokens, model.sample(ids, **settings(), seed=p["seed"]))
+    assert torch.equal(driven.tokens, p["image_tokens"])
+    two = model.tokenize([p["text"], "a different caption"])
+    gens = lambda: [torch.Generator().manual_seed(p["seed"] + i) for i in range(2)]  # noqa: E731
+    driven = driven_run(model, two, generator=gens())
+    assert torch.equal(driven.tokens, model.sample(two, **settings(), generator=gens()))
 
 
 def test_image_from_the_recorded_tokens(model):

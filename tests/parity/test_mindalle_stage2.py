@@ -2,6 +2,10 @@
 
 Vectors come from the original kakaobrain/minDALL-E code (parity README section 1). Every size and case is read
 from the files under ``$STORYEXP_PARITY_DIR/mindalle``; a missing folder fails the run (tests/conftest.py).
+
+The sampler knows nothing of these tests: they run its loop themselves from the public step (`next_code_step`,
+which returns each step's logits and probabilities) and feed the recorded codes instead of drawing;
+`test_driven_loop_is_the_sampler` shows that loop, drawing as production does, is `sample_codes`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tests.data_paths import parity_dir
 PARITY_ROOT = parity_dir()
 MD_DIR = PARITY_ROOT / "mindalle"
 
+from storyexp.models.draws import multinomial  # noqa: E402
 from storyexp.models.mindalle import (  # noqa: E402
     Stage2Config,
     Transformer1d,
@@ -24,6 +29,7 @@ from storyexp.models.mindalle import (  # noqa: E402
     cutoff_topk_logits,
     cutoff_topp_probs,
     next_code_probs,
+    next_code_step,
     positions_1d,
     sample_codes,
 )
@@ -207,16 +213,53 @@ def test_sampling_prompt_tokens():
     assert torch.equal(ids.unsqueeze(0).repeat(s["num_candidates"], 1), s["tokens"])
 
 
+@torch.no_grad()
+def _driven_codes(texts, n: int, *, teacher=None, generator=None, **settings):
+    """`sample_codes`' loop run here from its public step `next_code_step`: (codes [M, n], per-step logits and
+    probs [n, M, V]). With `teacher` the recorded codes are fed; otherwise they are drawn as it draws them."""
+    codes, past, logits, probs = texts.new_zeros(texts.shape[0], 0), None, [], []
+    for t in range(n):
+        step_logits, step_probs, past = next_code_step(model(), texts, codes, past, **settings)
+        logits.append(step_logits)
+        probs.append(step_probs)
+        if teacher is not None:
+            idx = teacher[:, t : t + 1]
+        else:
+            idx = multinomial(step_probs, 1, replacement=True, generator=generator)
+        codes = torch.cat([codes, idx], dim=1)
+    return codes, torch.stack(logits), torch.stack(probs)
+
+
+def _step_settings(s: dict) -> dict:
+    return dict(top_k=s["top_k"], top_p=s["top_p"], temperature=s["softmax_temperature"])
+
+
 def test_sampling_teacher_forced_step_probs():
     s = cases()["sampling"]
     n = s["step_probs_first32"].shape[0]
-    codes, probs = sample_codes(
-        model(), s["tokens"], **_sampling_kwargs(s), num_codes=n, teacher_codes=s["codes"], return_probs=True
-    )
+    codes, logits, probs = _driven_codes(s["tokens"], n, teacher=s["codes"], **_step_settings(s))
     assert torch.equal(codes, s["codes"][:, :n])
     torch.testing.assert_close(probs, s["step_probs_first32"], atol=STEP_PROBS_ATOL, rtol=0)
-    first, _ = model().step(texts=s["tokens"], pos_texts=positions_1d(s["tokens"]))
-    torch.testing.assert_close(first, s["step_logits_first"], atol=LOGITS_ATOL, rtol=0)
+    torch.testing.assert_close(logits[0], s["step_logits_first"], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_driven_loop_is_the_sampler():
+    """The loop the tests drive, drawing as production draws, gives `sample_codes`' codes exactly: with the
+    record's settings and seed (so also the recorded codes), and with other settings under one generator and
+    under one generator per candidate group (`storyexp.models.draws`)."""
+    s = cases()["sampling"]
+    seeded = lambda: torch.Generator().manual_seed(s["seed"])  # noqa: E731
+    driven, _, _ = _driven_codes(s["tokens"], s["codes"].shape[1], generator=seeded(), **_step_settings(s))
+    assert torch.equal(driven, sample_codes(model(), s["tokens"], **_sampling_kwargs(s), generator=seeded()))
+    assert torch.equal(driven, s["codes"])
+    rows = s["tokens"][:1].repeat(4, 1)
+    other = dict(top_k=16, top_p=0.9, temperature=0.8)
+    one = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    per_group = lambda: [torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)]  # noqa: E731
+    for generator in (one, per_group):
+        driven, _, _ = _driven_codes(rows, 24, generator=generator(), **other)
+        produced = sample_codes(model(), rows, **other, num_candidates=4, num_codes=24, generator=generator())
+        assert torch.equal(driven, produced)
 
 
 def test_sampling_seeded_codes_exact():

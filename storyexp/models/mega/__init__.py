@@ -10,7 +10,14 @@ from .encoder import DalleBartEncoder
 from .layers import GLU, DecoderLayer, EncoderLayer, MegaAttention
 from .loading import load_checked, resolve_files
 from .model import MegaDalle, is_condition_key, unconditional_ids
-from .sampling import START_TOKEN, sample_image_tokens, step_weights, supercondition, topk_weights
+from .sampling import (
+    START_TOKEN,
+    decoder_step_weights,
+    sample_image_tokens,
+    step_weights,
+    supercondition,
+    topk_weights,
+)
 from .tokenizer import MegaTokenizer
 from .build import StoryMegaBuilder, StoryMegaComponents, StoryMegaSizes, build_storymega
 
@@ -34,6 +41,7 @@ __all__ = [
     "VQGanDetokenizer",
     "build_storymega",
     "condition_layer_flags",
+    "decoder_step_weights",
     "is_condition_key",
     "load_checked",
     "resolve_files",

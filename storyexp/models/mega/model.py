@@ -133,8 +133,6 @@ class MegaDalle(nn.Module):
         seed: int | None = None,
         condition_state: Tensor | None = None,
         condition_mask: Tensor | None = None,
-        teacher_tokens: Tensor | None = None,
-        on_step=None,
     ) -> Tensor:
         """min-dalle's sampler for caption ids [B, T] -> image tokens [B, image_token_count].
 
@@ -143,7 +141,7 @@ class MegaDalle(nn.Module):
         seed > 0: draw from a fresh generator seeded with it, which yields the same stream as the original's
         `torch.manual_seed(seed)` without touching the global RNG; otherwise `generator` (None = global RNG).
         condition_state [B, S, D] / condition_mask [B, S]: given to both halves (only the text is dropped in the
-        unconditional rows). teacher_tokens / on_step: see `sample_image_tokens`.
+        unconditional rows).
         """
         if seed is not None and seed > 0:
             generator = torch.Generator(device=ids.device).manual_seed(int(seed))
@@ -154,8 +152,8 @@ class MegaDalle(nn.Module):
             condition_mask = None if condition_mask is None else condition_mask.repeat(2, 1)
         return sample_image_tokens(
             self.decoder, state, text != PAD_ID, top_k=top_k, temperature=temperature,
-            supercondition_factor=supercondition_factor, generator=generator, teacher_tokens=teacher_tokens,
-            condition_state=condition_state, condition_mask=condition_mask, on_step=on_step,
+            supercondition_factor=supercondition_factor, generator=generator,
+            condition_state=condition_state, condition_mask=condition_mask,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ pixels

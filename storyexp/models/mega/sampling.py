@@ -11,23 +11,22 @@ lm_head has image_vocab+1 rows, the rest are never sampled):
 Keeping exactly this order, the float32 settings tensor and one RNG call per step is what lets a run seeded like
 the original (`torch.manual_seed(seed)`) draw the same tokens. The first input token is 2^14 - 1 = 16383
 (min-dalle >= 0.4.11 and StoryDALL-E; the upstream config's `decoder_start_token_id` is 16384).
+
+`decoder_step_weights` is one step up to the weights (1-3); `sample_image_tokens` is the loop of those steps and
+the draws (4). The step is public so that a caller (the parity tests) can run the same loop with recorded tokens.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from storyexp.models.draws import Generators, multinomial
 
-from .decoder import DalleBartDecoder
+from .decoder import DalleBartDecoder, DecoderCache
 
 START_TOKEN = 2**14 - 1
 SAMPLED_VOCAB = 2**14
-
-StepHook = Callable[[int, Tensor, Tensor], None]  # (step, logits [2B, V], weights [B, SAMPLED_VOCAB])
 
 
 def supercondition(logits: Tensor, factor: float | Tensor) -> Tensor:
@@ -53,6 +52,34 @@ def step_weights(logits: Tensor, *, top_k: int, temperature: float, superconditi
     return topk_weights(mixed, top_k, temperature)
 
 
+def decoder_step_weights(
+    decoder: DalleBartDecoder,
+    prev: Tensor,
+    encoder_state: Tensor,
+    encoder_mask: Tensor,
+    cache: DecoderCache,
+    *,
+    top_k: int,
+    temperature: float,
+    supercondition_factor: float,
+    sampled_vocab: int = SAMPLED_VOCAB,
+    condition_state: Tensor | None = None,
+    condition_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One sampling step: prev [B, 1] (each image's previous token) -> (logits [2B, V], weights [B, sampled_vocab]).
+
+    The token is fed to both halves of the batch (unconditional rows, then conditional rows), one cached decoder
+    step advances `cache` by one position, and the newest position's logits give the superconditioned top-k
+    weights the next token is drawn from (`multinomial(weights, 1, generator=...)`, as `sample_image_tokens` does).
+    It is public so that a caller can run the loop itself, e.g. feed recorded tokens and compare what each step saw.
+    """
+    logits = decoder.step(prev.repeat(2, 1), encoder_state, encoder_mask, cache,
+                          condition_state=condition_state, condition_mask=condition_mask)[:, -1]  # fmt: skip
+    weights = step_weights(logits, top_k=top_k, temperature=temperature,
+                           supercondition_factor=supercondition_factor, sampled_vocab=sampled_vocab)  # fmt: skip
+    return logits, weights
+
+
 @torch.no_grad()
 def sample_image_tokens(
     decoder: DalleBartDecoder,
@@ -66,12 +93,10 @@ def sample_image_tokens(
     num_tokens: int | None = None,
     start_token: int = START_TOKEN,
     sampled_vocab: int = SAMPLED_VOCAB,
-    teacher_tokens: Tensor | None = None,
     condition_state: Tensor | None = None,
     condition_mask: Tensor | None = None,
-    on_step: StepHook | None = None,
 ) -> Tensor:
-    """Sample [B, num_tokens] image tokens (default: all decoder positions), one cached decoder step each.
+    """Sample [B, num_tokens] image tokens (default: all decoder positions), one `decoder_step_weights` each.
 
     encoder_state [2B, S, D] / encoder_mask [2B, S]: the unconditional text rows first, then the conditional rows.
     condition_state [2B, S', D] / condition_mask [2B, S'] (optional) feed the condition layers.
@@ -79,8 +104,6 @@ def sample_image_tokens(
     16383 / 2^14; a model with another codebook, e.g. the demo's, passes its own).
     generator: for `torch.multinomial`; None draws from torch's global generator (as the original does); a list of
       generators draws each contiguous group of rows (one story's) from its own (`storyexp.models.draws`).
-    teacher_tokens [B, >= num_tokens]: feed these instead of drawing (no RNG is consumed), to replay a run.
-    on_step(step, logits, weights) is called after every step (e.g. to record what the sampler saw).
     """
     rows = encoder_state.shape[0]
     if rows % 2:
@@ -90,16 +113,12 @@ def sample_image_tokens(
     cache = decoder.new_cache(rows, device=encoder_state.device)
     prev = torch.full((batch, 1), start_token, dtype=torch.long, device=encoder_state.device)
     tokens = []
-    for step in range(steps):
-        logits = decoder.step(prev.repeat(2, 1), encoder_state, encoder_mask, cache,
-                              condition_state=condition_state, condition_mask=condition_mask)[:, -1]  # fmt: skip
-        weights = step_weights(logits, top_k=top_k, temperature=temperature,
-                               supercondition_factor=supercondition_factor, sampled_vocab=sampled_vocab)  # fmt: skip
-        if on_step is not None:
-            on_step(step, logits, weights)
-        if teacher_tokens is not None:
-            prev = teacher_tokens[:, step : step + 1].to(encoder_state.device)
-        else:
-            prev = multinomial(weights, 1, generator=generator)
+    for _ in range(steps):
+        _, weights = decoder_step_weights(
+            decoder, prev, encoder_state, encoder_mask, cache, top_k=top_k, temperature=temperature,
+            supercondition_factor=supercondition_factor, sampled_vocab=sampled_vocab,
+            condition_state=condition_state, condition_mask=condition_mask,
+        )  # fmt: skip
+        prev = multinomial(weights, 1, generator=generator)  # one RNG call per step, as the original
         tokens.append(prev)
     return torch.cat(tokens, dim=1)

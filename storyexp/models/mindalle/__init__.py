@@ -4,7 +4,7 @@ StoryDALL-E's builder (`source: pretrained | sizes`, typed sizes) is `storyexp.m
 
 from .model import MinDalle, MinDalleFolder, load_mindalle_folder
 from .story import StoryDalleNet, load_storydalle_checkpoint
-from .sampling import cutoff_topk_logits, cutoff_topp_probs, next_code_probs, sample_codes
+from .sampling import cutoff_topk_logits, cutoff_topp_probs, next_code_probs, next_code_step, sample_codes
 from .tokenizer import build_tokenizer
 from .transformer import KVCache, Stage2Config, Transformer1d, positions_1d
 from .build import Stage2Sizes, StoryDalleBuilder, StoryDalleComponents, StoryDalleSizes, build_storydalle
@@ -27,6 +27,7 @@ __all__ = [
     "load_mindalle_folder",
     "load_storydalle_checkpoint",
     "next_code_probs",
+    "next_code_step",
     "positions_1d",
     "sample_codes",
 ]

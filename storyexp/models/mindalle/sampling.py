@@ -2,7 +2,8 @@
 
 The per-step order is the original's: logits / temperature -> top-k on logits -> softmax -> top-p on probs ->
 one `torch.multinomial` on the [candidates, vocab] probabilities. Keeping that order (and one RNG call per step)
-is what lets a seeded run reproduce the reference codes exactly.
+is what lets a seeded run reproduce the reference codes exactly. `next_code_step` is one cached step up to the
+probabilities; `sample_codes` is the loop of those steps and the draws.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .transformer import Transformer1d, positions_1d
+from storyexp.models.draws import Generators, multinomial
+
+from .transformer import KVCache, Transformer1d, positions_1d
 
 
 def cutoff_topk_logits(logits: Tensor, k: int | None) -> Tensor:
@@ -45,6 +48,34 @@ def next_code_probs(logits: Tensor, *, top_k: int | None, top_p: float | None, t
     return cutoff_topp_probs(F.softmax(logits, dim=-1), top_p)
 
 
+def next_code_step(
+    model: Transformer1d,
+    texts: Tensor,
+    codes: Tensor,
+    past: KVCache | None,
+    *,
+    top_k: int | None,
+    top_p: float | None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, KVCache]:
+    """One cached sampler step: (logits [M, V], probs [M, V], past) for code t = codes.shape[1].
+
+    texts [M, N]; codes [M, t]: the codes so far (t = 0: none). Step 0 feeds the whole text, whose last position
+    predicts code 0; step t > 0 feeds only codes[:, -1] at image position t - 1 on top of `past` (the cache the
+    previous step returned). The next code is drawn from `probs` (`sample_codes` makes one
+    `multinomial(probs, 1, replacement=True)` per step). It is public so that a caller can run the loop itself,
+    e.g. feed recorded codes and compare each step's probabilities.
+    """
+    t = codes.shape[1]
+    if t == 0:
+        logits, past = model.step(texts=texts, pos_texts=positions_1d(texts), past=None)
+    else:
+        prev = codes[:, -1:]
+        logits, past = model.step(images=prev, pos_images=torch.full_like(prev, t - 1), past=past)
+    probs = next_code_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+    return logits, probs, past
+
+
 @torch.no_grad()
 def sample_codes(
     model: Transformer1d,
@@ -54,19 +85,16 @@ def sample_codes(
     top_p: float | None,
     temperature: float = 1.0,
     num_candidates: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     num_codes: int | None = None,
-    teacher_codes: Tensor | None = None,
-    return_probs: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Sample `num_codes` (default ctx_len_img) image codes per candidate, one cached transformer step per code.
+) -> Tensor:
+    """Sample `num_codes` (default ctx_len_img) image codes per candidate, one `next_code_step` per code.
 
     texts: [N] or [1, N] ids (repeated to `num_candidates` rows) or already [num_candidates, N].
     generator: passed to `torch.multinomial`; None uses torch's global generator (as the original, which is
-      seeded with `torch.manual_seed`).
-    teacher_codes: [num_candidates, L] codes to feed instead of sampling (no RNG is consumed); used to replay a
-      recorded run and compare per-step probabilities.
-    Returns codes [num_candidates, L], plus the per-step probabilities [L, num_candidates, V] if return_probs.
+      seeded with `torch.manual_seed`); a list of generators draws each contiguous group of candidate rows from
+      its own (`storyexp.models.draws`).
+    Returns codes [num_candidates, L].
     """
     if texts.dim() == 1:
         texts = texts.unsqueeze(0)
@@ -74,25 +102,11 @@ def sample_codes(
         texts = texts.repeat(num_candidates, 1)
     assert texts.shape[0] == num_candidates, f"{texts.shape[0]} text rows for {num_candidates} candidates"
     L = num_codes or model.cfg.ctx_len_img
-    if teacher_codes is not None:
-        L = min(L, teacher_codes.shape[1])
 
-    codes: list[Tensor] = []
-    step_probs: list[Tensor] = []
+    codes = texts.new_zeros(texts.shape[0], 0)
     past = None
-    for t in range(L):
-        if t == 0:  # the whole text; its last position predicts code 0
-            logits, past = model.step(texts=texts, pos_texts=positions_1d(texts), past=None)
-        else:  # only the previous code, at image position t-1
-            prev = codes[-1]
-            logits, past = model.step(images=prev, pos_images=torch.full_like(prev, t - 1), past=past)
-        probs = next_code_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-        if return_probs:
-            step_probs.append(probs)
-        if teacher_codes is not None:
-            idx = teacher_codes[:, t : t + 1].to(texts.device)
-        else:
-            idx = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
-        codes.append(idx)
-    out = torch.cat(codes, dim=1)
-    return (out, torch.stack(step_probs)) if return_probs else out
+    for _ in range(L):
+        _, probs, past = next_code_step(model, texts, codes, past, top_k=top_k, top_p=top_p, temperature=temperature)
+        idx = multinomial(probs, 1, replacement=True, generator=generator)  # one RNG call per step
+        codes = torch.cat([codes, idx], dim=1)
+    return codes
