@@ -181,7 +181,6 @@ def test_every_model_samples_a_story_the_same_in_any_batch(model, shared_data_di
     assert (np.abs(other.numpy().astype(np.int16) - together.numpy().astype(np.int16)) > 1).mean() > 0.05
 
 
-@pytest.mark.slow
 def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_dir, tmp_path):
     """The same checkpoint through task=eval on 1 process and on 2 (trainer=ddp_cpu): identical metrics.json;
     each test story is scored once (the distributed sampler's padding is dropped)."""
