@@ -274,7 +274,7 @@ def test_checkpoint_carries_the_grown_tokenizer_and_eval_reproduces_the_loss(tra
 
     metrics, out, tmp = trained
     best = json.loads((out / "summary.json").read_text())["checkpoints"]["best"]
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert TOKENIZER_KEY in ckpt and '"pip"' in ckpt[TOKENIZER_KEY]
     assert any(k.startswith("net.cross_attn.") for k in ckpt["state_dict"])
     restored = StoryDalleSystem.load_from_checkpoint(best, map_location="cpu")
@@ -308,7 +308,7 @@ def test_stage1_is_fitted_on_first_use_cached_and_saved_with_the_model(shared_da
     fit = f"model.network.stage1_fit={{cache:{cache},image_size:16,steps:3,batch_size:8,lr:2e-3,seed:0}}"
     _, out = run(tmp_path, shared_data_dir, fit, "trainer.max_steps=1", "eval=loss_only")
     assert cache.is_file()
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     cached = torch.load(cache, map_location="cpu", weights_only=True)["state_dict"]
     for key, value in cached.items():  # stage 1 is frozen: the trained model carries the fitted weights
         assert torch.equal(ckpt["state_dict"][f"stage1.{key}"], value), key

@@ -188,7 +188,7 @@ def test_min_dalle_files_and_a_taming_checkpoint_build_the_pretrained_model(tmp_
     folder = parity_dir() / "mega"
     from storyexp.models.vqgan import VQGAN, VQGANConfig
 
-    meta = torch.load(folder / "cases.pt", weights_only=False)["meta"]["sizes"]
+    meta = torch.load(folder / "cases.pt", weights_only=True)["meta"]["sizes"]
     side = int(meta["image_token_count"] ** 0.5)
     hp = {"resolution": side * 4, "ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [side],
           "z_channels": 8}
@@ -231,7 +231,7 @@ def test_train_tests_with_demo_metrics_and_eval_reproduces(trained, shared_data_
     for key in ("val/loss", "test/loss", "test/char_f1", "test/frame_acc", "test/fid_demo", "baseline/frame_acc"):
         assert key in metrics, key
     best = json.loads((out / "summary.json").read_text())["checkpoints"]["best"]
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert '"pip"' in ckpt[TOKENIZER_KEY]
     restored = StoryMegaSystem.load_from_checkpoint(best, map_location="cpu")
     assert restored.tokenizer.tokenize("pip waves") == restored.tokenizer.tokenize("pip waves")

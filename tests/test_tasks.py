@@ -95,11 +95,11 @@ def test_sample_from_split_and_from_captions(trained, shared_data_dir, tmp_path)
 def test_resume_continues_at_the_same_step(trained, shared_data_dir):
     _, out, tmp = trained
     last = out / "checkpoints" / "last.ckpt"
-    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert step == 2
     _, resumed = run(tmp, shared_data_dir, f"ckpt_path={last}", "trainer.limit_train_batches=2",
                      "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false", name="resume")
-    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
     logged_steps = [int(line.split(",")[2]) for line in (resumed / "csv" / "metrics.csv").read_text().splitlines()[1:]
                     if line.split(",")[2]]

@@ -238,7 +238,7 @@ def test_system_trains_validates_tests_and_exports(shared_data_dir, tmp_path):
     config = VQGANConfig.from_dict(network)
     export = Path(cfg.paths.weights_dir) / "vqgan_tiny" / "stage1_last.ckpt"
     vqgan = VQGAN.from_ckpt(export, config)
-    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     for key, value in vqgan.state_dict().items():
         assert torch.equal(value, last[f"vqgan.{key}"]), key
 
