@@ -21,4 +21,7 @@ def build_stage1(config: VQGANConfig | Mapping[str, Any], checkpoint: str | Path
     if not isinstance(config, VQGANConfig):
         config = VQGANConfig.from_sizes(config)
     torch.manual_seed(seed)
-    return VQGAN.from_ckpt(checkpoint, config) if checkpoint else VQGAN(config)
+    if not checkpoint:
+        return VQGAN(config)
+    return VQGAN.from_ckpt(checkpoint, config, "Stage-1 checkpoint (model.network.stage1_checkpoint)",
+                           "Point it at a VQGAN of these sizes, e.g. the export of python launch.py model=vqgan_demo.")

@@ -84,9 +84,10 @@ class VQGAN(nn.Module):
         self.load_state_dict(state, strict=True)
 
     @classmethod
-    def from_ckpt(cls, path: str | Path, config: VQGANConfig) -> VQGAN:
+    def from_ckpt(cls, path: str | Path, config: VQGANConfig, what: str = "VQGAN checkpoint",
+                  how_to_get: str = "Expected minDALL-E's stage1_last.ckpt.") -> VQGAN:
         """Build from ``config``, strictly load ``path`` (``{'state_dict': ...}``), return it in eval mode."""
-        state = load_file(path, "VQGAN checkpoint", how_to_get="Expected minDALL-E's stage1_last.ckpt.")
+        state = load_file(path, what, how_to_get=how_to_get)
         if not isinstance(state, Mapping):
             raise UnreadableFileError(f"VQGAN checkpoint {path} holds a {type(state).__name__}, not a state dict "
                                       "({'state_dict': ...}); pass a taming / minDALL-E stage-1 checkpoint.")
