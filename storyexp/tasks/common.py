@@ -69,7 +69,9 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     extra = {}
     if not cfg.trainer.get("plugins") and str(cfg.trainer.get("strategy", "auto")) in ("auto", "ddp", "ddp_spawn"):
-        extra["plugins"] = [StoryexpCheckpointIO()]  # checkpoints read through the one safe loader
+        # checkpoints read through the one safe loader (the tasks also pass weights_only=True, which covers
+        # strategies that bring their own checkpoint IO)
+        extra["plugins"] = [StoryexpCheckpointIO()]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 

@@ -14,7 +14,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     use_checkpoint_model(cfg, ckpt_path)
     datamodule, model, trainer = build_all(cfg)
     ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = collect_metrics(trainer)
     report(cfg, trainer, metrics, {"evaluated": ckpt_path})
     return metrics

@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     else:
         stories, has_truth = given, False
     datamodule.predict_on(stories)
-    predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     out_dir = Path(cfg.paths.output_dir) / "samples"
     # under DDP every process writes the stories of its own shard (distinct files, as Lightning's
     # BasePredictionWriter does); each story's file name is its position in `stories`

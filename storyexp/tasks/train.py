@@ -28,14 +28,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule, model, trainer = build_all(cfg)
     if cfg.get("test_after_fit", True):  # before fitting: a refused classifier must not cost a training run
         ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = collect_metrics(trainer)
     checkpoints = checkpoint_paths(trainer)
     if cfg.get("test_after_fit", True) and not trainer.interrupted:
         best = checkpoints.get("best")
         if not best:
             log.warning("No best checkpoint was recorded; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         checkpoints["tested"] = best or None
         metrics.update(collect_metrics(trainer))
     report(cfg, trainer, metrics, checkpoints)
