@@ -10,7 +10,10 @@ uint8 ``[N, H, W, 3]`` frames, ``compute() -> dict[str, float]``, ``reset()``. A
 * the torchmetrics building blocks :class:`CharacterScores` (StoryDALL-E's Char-F1 / Frame-Acc) and
   :class:`DemoFID` (Fréchet distance in the classifier's feature space, never to be called FID).
 
-The published evaluators (Inception FID, the datasets' Inception-v3 character classifiers, CLIP score) are
+* :class:`StoryFID` -> ``fid64`` (StoryDALL-E / AR-LDM's PIL 64x64 protocol) or ``fid`` (native): Inception FID
+  on pytorch-fid's network and Fréchet distance (``storyexp.metrics.fid``, also ``python -m storyexp.metrics.fid``).
+
+The other published evaluators (the datasets' Inception-v3 character classifiers, CLIP score) are
 meant to be further :class:`StoryMetric` implementations combined with these in a :class:`StoryMetricSuite`.
 """
 
@@ -35,6 +38,7 @@ __all__ = [
     "DemoFID",
     "DemoStoryEvaluator",
     "StoryMetric",
+    "StoryFID",
     "StoryMetricSuite",
     "ensure_classifier",
     "load_classifier",
@@ -43,3 +47,13 @@ __all__ = [
     "save_classifier",
     "train_character_classifier",
 ]
+
+
+def __getattr__(name: str):
+    # StoryFID is imported on first use: `python -m storyexp.metrics.fid` then runs a module the package has not
+    # imported yet (no runpy warning), and importing the package does not pull in pytorch-fid / scipy.
+    if name == "StoryFID":
+        from storyexp.metrics.fid import StoryFID
+
+        return StoryFID
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
