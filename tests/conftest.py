@@ -129,3 +129,56 @@ def run_composed(overrides: list[str], tmp_path: Path, data_dir: Path) -> tuple[
     out = Path(cfg.paths.output_dir)
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     return metrics, out
+
+
+def random_fid_inception_state_dict(seed: int = 0) -> dict:
+    """pytorch-fid's ``fid_inception_v3`` body without its download: the same modules, random values (the published
+    weights cannot be downloaded here; both storyexp and pytorch-fid load this file in the FID tests)."""
+    import torch
+    from pytorch_fid import inception as pfid_inception
+
+    torch.manual_seed(seed)
+    net = pfid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = pfid_inception.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pfid_inception.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pfid_inception.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pfid_inception.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pfid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pfid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pfid_inception.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pfid_inception.FIDInceptionE_1(1280)
+    net.Mixed_7c = pfid_inception.FIDInceptionE_2(2048)
+    for m in net.modules():  # variance-preserving random init, so pool3 features are O(1) and varied
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    return net.state_dict()
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory) -> Path:
+    """A random-valued FID Inception weights file under its published name, written once per session."""
+    import torch
+
+    from storyexp.metrics.fid import FID_WEIGHTS_FILE
+
+    path = tmp_path_factory.mktemp("fid_weights") / FID_WEIGHTS_FILE
+    torch.save(random_fid_inception_state_dict(), path)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_local_fid_weights(tmp_path_factory):
+    """Tests decide themselves whether FID weights exist: a developer's $STORYEXP_FID_WEIGHTS or torch hub cache
+    would otherwise turn FID on in every run."""
+    saved = {k: os.environ.get(k) for k in ("STORYEXP_FID_WEIGHTS", "TORCH_HOME")}
+    os.environ.pop("STORYEXP_FID_WEIGHTS", None)
+    os.environ["TORCH_HOME"] = str(tmp_path_factory.mktemp("torch_home"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

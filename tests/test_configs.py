@@ -109,7 +109,7 @@ def test_callback_options_instantiate(name, tmp_path):
     assert all(isinstance(cb, L.Callback) for cb in callbacks)
     if name == "default":
         names = {type(cb).__name__ for cb in callbacks}
-        assert {"ModelCheckpoint", "StoryGridLogger", "StoryEvaluation", "LearningRateMonitor"} <= names
+        assert {"ModelCheckpoint", "StoryGridLogger", "StoryEvaluation", "ValidationMetrics", "LearningRateMonitor"} <= names
 
 
 @pytest.mark.parametrize("name", options("eval"))
@@ -117,7 +117,7 @@ def test_eval_options_instantiate(name, tmp_path):
     cfg = compose_cfg([f"eval={name}"], tmp_path)
     callbacks = build_callbacks(cfg)
     evaluation = [cb for cb in callbacks if type(cb).__name__ == "StoryEvaluation"]
-    assert len(evaluation) == 1 and evaluation[0].metrics == list(cfg.eval.metrics)
+    assert len(evaluation) == 1 and evaluation[0].metric_names == list(cfg.eval.metrics)
 
 
 @pytest.mark.parametrize("name", options("experiment"))

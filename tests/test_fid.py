@@ -26,33 +26,9 @@ from storyexp.metrics import fid as fidmod
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _random_fid_inception_state_dict(seed: int = 0) -> dict:
-    """pytorch-fid's ``fid_inception_v3`` body without its download: the same modules, random values."""
-    torch.manual_seed(seed)
-    net = pfid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pfid_inception.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pfid_inception.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pfid_inception.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pfid_inception.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pfid_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pfid_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pfid_inception.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pfid_inception.FIDInceptionE_1(1280)
-    net.Mixed_7c = pfid_inception.FIDInceptionE_2(2048)
-    for m in net.modules():  # variance-preserving random init, so pool3 features are O(1) and varied
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.normal_(m.bias, 0.0, 0.1)
-    return net.state_dict()
-
-
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("w") / fidmod.FID_WEIGHTS_FILE
-    torch.save(_random_fid_inception_state_dict(), path)
-    return path
+def weights(fid_weights) -> Path:
+    return fid_weights
 
 
 def _pfid_model(weights: Path) -> InceptionV3:

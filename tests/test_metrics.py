@@ -1,5 +1,5 @@
 """Tests for storyexp.metrics: character scores, the character classifier (trained through Lightning by
-CharacterClassifierSystem), fid_demo and the demo evaluator.
+CharacterClassifierSystem), fid_demo and the classifier metrics of the registry (characters, fid_demo).
 
 The frames are drawn here (coloured shapes on a pastel background, like the demo dataset), so these tests do not
 depend on the demo dataset generator.
@@ -15,11 +15,12 @@ import torch
 
 from storyexp.metrics import (
     CharacterClassifier,
+    CharacterMetric,
     CharacterClassifierSystem,
     CharacterScores,
     ClassifierFeatureExtractor,
+    ClassifierFIDMetric,
     DemoFID,
-    DemoStoryEvaluator,
     StoryMetric,
     StoryMetricSuite,
     load_classifier,
@@ -391,46 +392,54 @@ def test_demo_fid_identical_shifted_and_errors(trained, data):
 # ---------------------------------------------------------------------------------------------- evaluator
 
 
-def test_demo_story_evaluator(trained, data):
+def test_classifier_metrics(trained, data):
+    """``characters`` and ``fid_demo`` as the evaluation callbacks build them (storyexp.metrics.registry)."""
     clf, report = trained
     (x, y), (xv, yv) = data
-    ev = DemoStoryEvaluator(clf, batch_size=64)
-    assert isinstance(ev, StoryMetric)
+    chars, fid = CharacterMetric(clf, batch_size=64), ClassifierFIDMetric(clf, batch_size=64)
+    assert isinstance(chars, StoryMetric) and isinstance(fid, StoryMetric)
     for lo in range(0, len(xv), 100):  # "perfect generator": generated == real
-        ev.update(xv[lo : lo + 100], xv[lo : lo + 100], yv[lo : lo + 100], captions=["unused"] * 100)
-    perfect = ev.compute()
-    assert set(perfect) == {"fid_demo", "char_f1", "frame_acc"}
+        for metric in (chars, fid):
+            metric.update(xv[lo : lo + 100], xv[lo : lo + 100], yv[lo : lo + 100], captions=["unused"] * 100)
+    perfect = {**chars.compute(), **fid.compute()}
+    # a project-trained classifier reports the demo's own keys; a published one the papers' names
+    assert set(perfect) == {"fid_demo", "char_f1_demo", "frame_acc_demo"}
     assert all(isinstance(v, float) for v in perfect.values())
     assert abs(perfect["fid_demo"]) < 1e-6
-    assert perfect["frame_acc"] == pytest.approx(report["best_val_frame_acc"], abs=1e-6)
+    assert perfect["frame_acc_demo"] == pytest.approx(report["best_val_frame_acc"], abs=1e-6)
+    clf.published = True
+    try:
+        assert set(CharacterMetric(clf).keys.values()) == {"char_f1", "frame_acc"}
+    finally:
+        clf.published = False
 
     # A generator that ignores the story: frames of other stories. Labels no longer match.
-    ev.reset(keep_reference=True)
-    ev.update(x[:300], xv, yv)
-    assert ev.ignored_real_frames == len(xv)
-    unrelated = ev.compute()
-    assert unrelated["frame_acc"] < 0.6 and unrelated["char_f1"] < 0.6
+    chars.reset(), fid.reset()
+    chars.update(x[:len(xv)], xv, yv)
+    fid.update(x[:len(xv)], xv, yv)
+    unrelated = {**chars.compute(), **fid.compute()}
+    assert unrelated["frame_acc_demo"] < 0.6 and unrelated["char_f1_demo"] < 0.6
     assert unrelated["fid_demo"] > perfect["fid_demo"]
 
-    ev.reset()
-    assert int(ev.fid.real_features_num_samples) == 0 and not ev.reference_frozen
-    with pytest.raises(ValueError, match="labels are required"):
-        ev.update(xv[:4], xv[:4])
+    with pytest.raises(ValueError, match="labels"):
+        chars.update(xv[:4], xv[:4])
     with pytest.raises(ValueError, match="differ"):
-        ev.update(xv[:4], xv[:3], yv[:4])
+        chars.update(xv[:4], xv[:3], yv[:3])
+    with pytest.raises(ValueError, match="real frames"):
+        fid.update(xv[:4], None)
 
 
 def test_metric_suite_merges_and_refuses_duplicate_names(trained, data):
     clf, _ = trained
     (_, _), (xv, yv) = data
-    suite = StoryMetricSuite([DemoStoryEvaluator(clf)])
+    suite = StoryMetricSuite([CharacterMetric(clf), ClassifierFIDMetric(clf)])
     suite.update(xv[:50], xv[:50], yv[:50])
-    assert set(suite.compute()) == {"fid_demo", "char_f1", "frame_acc"}
-    dup = StoryMetricSuite({"a": DemoStoryEvaluator(clf), "b": DemoStoryEvaluator(clf)})
+    assert set(suite.compute()) == {"fid_demo", "char_f1_demo", "frame_acc_demo"}
+    dup = StoryMetricSuite({"a": CharacterMetric(clf), "b": CharacterMetric(clf)})
     dup.update(xv[:50], xv[:50], yv[:50])
-    with pytest.raises(ValueError, match="fid_demo|char_f1"):
+    with pytest.raises(ValueError, match="char_f1_demo|frame_acc_demo"):
         dup.compute()
-    assert not math.isnan(suite.compute()["char_f1"])
+    assert not math.isnan(suite.compute()["char_f1_demo"])
 
 
 # ---------------------------------------------------------------------------------------------- acceptance (slow)

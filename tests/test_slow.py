@@ -27,7 +27,7 @@ def test_ddp_cpu_two_processes_train_and_test(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("test/loss", "test/frame_acc", "baseline/frame_acc"):
+    for key in ("test/loss", "test/frame_acc_demo", "baseline/frame_acc_demo"):
         assert key in metrics
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
@@ -45,7 +45,7 @@ def test_demo_model_train_step_validation_and_sampling(tmp_path, shared_data_dir
                                    "eval.classifier.lr=3e-3", "logger=csv"], tmp_path, data_dir=shared_data_dir)
     run_task(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
+    assert {"val/loss", "test/loss", "test/frame_acc_demo"} <= set(metrics)
 
 
 @pytest.mark.parametrize("model", ["mindalle", "mega"])
@@ -65,5 +65,5 @@ def test_storydalle_demo_models_fit_stage1_then_train_validate_and_sample(tmp_pa
     assert cfg.model.network.source == "sizes"
     run_task(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert {"val/loss", "test/loss", "test/frame_acc"} <= set(metrics)
+    assert {"val/loss", "test/loss", "test/frame_acc_demo"} <= set(metrics)
     assert (tmp_path / "stage1.ckpt").is_file()

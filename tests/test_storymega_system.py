@@ -228,7 +228,7 @@ def test_train_tests_with_demo_metrics_and_eval_reproduces(trained, shared_data_
     from storyexp.systems.storymega import StoryMegaSystem
 
     metrics, out, tmp = trained
-    for key in ("val/loss", "test/loss", "test/char_f1", "test/frame_acc", "test/fid_demo", "baseline/frame_acc"):
+    for key in ("val/loss", "test/loss", "test/char_f1_demo", "test/frame_acc_demo", "test/fid_demo", "baseline/frame_acc_demo"):
         assert key in metrics, key
     best = json.loads((out / "summary.json").read_text())["checkpoints"]["best"]
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
@@ -248,4 +248,4 @@ def test_sample_task_and_visualization(trained, shared_data_dir, tmp_path):
     metrics, _ = run(tmp_path, shared_data_dir, "data.task=visualization", "model.sampler.chain=true",
                      "model.sampler.supercondition_factor=2.0", "model.train.text_dropout=0.5",
                      "trainer.limit_train_batches=2", "trainer.max_steps=-1")
-    assert "test/frame_acc" in metrics
+    assert "test/frame_acc_demo" in metrics

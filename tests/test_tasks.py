@@ -16,8 +16,8 @@ from storyexp.errors import ConfigurationError, MissingResourceError
 
 from .conftest import REPO, TINY_DEMO, TINY_RUN, run_composed
 
-METRIC_KEYS = ("test/loss", "test/fid_demo", "test/char_f1", "test/frame_acc", "baseline/char_f1",
-               "baseline/frame_acc")
+METRIC_KEYS = ("test/loss", "test/fid_demo", "test/char_f1_demo", "test/frame_acc_demo", "baseline/char_f1_demo",
+               "baseline/frame_acc_demo")
 
 
 def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
@@ -36,7 +36,7 @@ def test_train_writes_metrics_grids_and_checkpoints(trained):
     metrics, out, _ = trained
     for key in METRIC_KEYS:
         assert key in metrics, key
-    for key in ("test/char_f1", "test/frame_acc", "baseline/char_f1", "baseline/frame_acc"):
+    for key in ("test/char_f1_demo", "test/frame_acc_demo", "baseline/char_f1_demo", "baseline/frame_acc_demo"):
         assert 0.0 <= metrics[key] <= 1.0
     assert np.isfinite(metrics["test/loss"]) and metrics["test/fid_demo"] >= 0
     assert "val/loss" in metrics
@@ -50,6 +50,20 @@ def test_train_writes_metrics_grids_and_checkpoints(trained):
     assert len(grids) == 2
     assert list((out / "grids" / "val").glob("epoch*.png"))
     assert (out / "csv" / "metrics.csv").is_file()
+    # every generated test frame as <story_id>/<frame>.png (continuation: frames 1-4; one test batch of 4 stories)
+    frames = sorted(p.relative_to(out / "generated").as_posix() for p in (out / "generated").rglob("*.png"))
+    assert len(frames) == 16 and frames[:4] == [f"demo-test-00000/{j}.png" for j in range(1, 5)]
+
+
+def test_checkpoints_hold_no_metric_model(trained):
+    """Inception, the character classifier and CLIP live in the evaluation callbacks, never in a checkpoint."""
+    _, out, _ = trained
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    metric_words = ("inception", "classifier", "clip_score", "fid", "char_scores")
+    assert not [k for k in ckpt["state_dict"] if any(w in k.lower() for w in metric_words)]
+    for name, state in ckpt.get("callbacks", {}).items():
+        tensors = [k for k, v in (state or {}).items() if isinstance(v, torch.Tensor) and v.numel() > 1]
+        assert not tensors, (name, tensors)
 
 
 def test_eval_reproduces_the_test_loss(trained, shared_data_dir):
@@ -58,7 +72,7 @@ def test_eval_reproduces_the_test_loss(trained, shared_data_dir):
     evaluated, eval_out = run(tmp, shared_data_dir, "task=eval", f"ckpt_path={best}", name="eval")
     # validation/test losses use fixed noise per story, so the same weights give the same loss
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
-    assert evaluated["test/frame_acc"] == pytest.approx(metrics["test/frame_acc"], abs=1e-6)
+    assert evaluated["test/frame_acc_demo"] == pytest.approx(metrics["test/frame_acc_demo"], abs=1e-6)
     summary = json.loads((eval_out / "summary.json").read_text())
     assert summary["checkpoints"] == {"evaluated": best}  # the checkpoint evaluated, not the old run's best
 
@@ -109,7 +123,7 @@ def test_resume_continues_at_the_same_step(trained, shared_data_dir):
 def test_visualization_task_trains_and_samples(shared_data_dir, tmp_path):
     metrics, out = run(tmp_path, shared_data_dir, "data.task=visualization", "trainer.limit_train_batches=1",
                        "trainer.max_steps=-1", "eval.baseline=null")
-    assert "test/frame_acc" in metrics and "baseline/frame_acc" not in metrics
+    assert "test/frame_acc_demo" in metrics and "baseline/frame_acc_demo" not in metrics
     from PIL import Image
 
     with Image.open(sorted((out / "grids" / "test").glob("story_*.png"))[0]) as im:
@@ -131,14 +145,27 @@ def test_wandb_offline_run_holds_the_metrics(shared_data_dir, tmp_path, monkeypa
         logged.append(dict(data))
         return original(self, data, *args, **kwargs)
 
+    summary: dict = {}
+    original_set = wandb.sdk.wandb_summary.SummaryDict.__setitem__
+
+    def spy_summary(self, key, value):
+        summary[key] = value
+        return original_set(self, key, value)
+
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    monkeypatch.setattr(wandb.sdk.wandb_summary.SummaryDict, "__setitem__", spy_summary)
     metrics, out = run(tmp_path, shared_data_dir, "logger=wandb", "trainer.limit_train_batches=1",
-                       "trainer.max_steps=-1", "eval=loss_only")
+                       "trainer.max_steps=-1", "eval=loss_only", "eval.metrics=[characters]", "eval.table_stories=3")
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     keys = {k for record in logged for k in record}
-    assert {"train/loss", "val/loss", "test/loss"} <= keys
+    assert {"train/loss", "val/loss", "test/loss", "test/frame_acc_demo"} <= keys
     assert any(record.get("test/loss") == pytest.approx(metrics["test/loss"]) for record in logged)
+    # the test stories as a table (id, captions, ground truth, generated) and the story metrics as summary values
+    table = next(record["test/samples"] for record in logged if "test/samples" in record)
+    assert list(table.columns) == ["story_id", "captions", "ground_truth", "generated"] and len(table.data) == 3
+    assert table.data[0][0] == "demo-test-00000"
+    assert summary["test/frame_acc_demo"] == pytest.approx(metrics["test/frame_acc_demo"])
     assert wandb.run is None  # the task closed its run
     # a second job gets its own run (wandb.finish() after every task)
     _, out2 = run(tmp_path, shared_data_dir, "logger=wandb", "trainer.limit_train_batches=1",

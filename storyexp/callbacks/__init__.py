@@ -1,6 +1,7 @@
-"""Lightning callbacks shared by every system (story grids, test-time story evaluation)."""
+"""Lightning callbacks shared by every system (story grids, story metrics during training and at test time)."""
 
 from storyexp.callbacks.evaluation import StoryEvaluation
 from storyexp.callbacks.grids import StoryGridLogger
+from storyexp.callbacks.validation_metrics import ValidationMetrics
 
-__all__ = ["StoryEvaluation", "StoryGridLogger"]
+__all__ = ["StoryEvaluation", "StoryGridLogger", "ValidationMetrics"]

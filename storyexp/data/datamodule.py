@@ -499,9 +499,10 @@ class StoryDataModule(L.LightningDataModule):
             self.datasets[split] = self._build(split)
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None,
+                dataset: StoryItems | None = None) -> DataLoader:
         return DataLoader(
-            self._dataset(split),
+            self._dataset(split) if dataset is None else dataset,
             batch_size=self.per_device_batch_size,
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
@@ -512,21 +513,30 @@ class StoryDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def _eval_loader(self, split: str, dataset: StoryItems | None = None) -> DataLoader:
         """A val/test/predict loader: under DDP, sharded so that every story is scored exactly once."""
+        dataset = self._dataset(split) if dataset is None else dataset
         shard = eval_shard()
         if shard is None:
-            return self._loader(split, shuffle=False)
+            return self._loader(split, shuffle=False, dataset=dataset)
         world_size, rank = shard
-        dataset = self._dataset(split)
         if 0 < len(dataset) < world_size:  # a process without a batch would wait forever at the epoch's end
             raise ConfigurationError(
                 f"the {self.name} {split!r} split has {len(dataset)} stories but {world_size} processes need at "
                 f"least one each (every story is scored exactly once under DDP); use at most {len(dataset)} "
                 "devices or more stories (data.limit_val / data.limit_test)"
             )
-        return self._loader(split, shuffle=False,
+        return self._loader(split, shuffle=False, dataset=dataset,
                             sampler=UnpaddedDistributedSampler(dataset, num_replicas=world_size, rank=rank))
+
+    def subset_loader(self, split: str, n: int | None) -> DataLoader:
+        """The first ``n`` stories of a split (all with None) as an eval loader: a fixed subset, e.g. for metrics
+        during training, sharded without padding under DDP."""
+        dataset = self._dataset(split)
+        if n is not None and int(n) < len(dataset):
+            dataset = StoryItems(_Head(dataset.stories, int(n)), frame_size=self.frame_size,
+                                 sentence_embeddings=dataset.sentence_embeddings)
+        return self._eval_loader(split, dataset)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True)  # Lightning adds its (padded) DistributedSampler

@@ -1,49 +1,66 @@
 """Evaluation metrics shared by every system.
 
-All story metrics follow :class:`StoryMetric`: ``update(generated, real=None, labels=None, captions=None)`` with
-uint8 ``[N, H, W, 3]`` frames, ``compute() -> dict[str, float]``, ``reset()``. Available now:
+All story metrics follow :class:`StoryMetric`: ``update(generated, real=None, labels=None, *, captions=None,
+stories=None)`` with uint8 ``[N, H, W, 3]`` frames, ``compute() -> dict[str, float]``, ``reset()``. The names
+``eval.metrics`` can use, and how each is built from a run, are in :mod:`storyexp.metrics.registry`:
 
-* :class:`DemoStoryEvaluator` -> ``fid_demo``, ``char_f1``, ``frame_acc`` from a :class:`CharacterClassifier`
-  the project trains itself (:class:`CharacterClassifierSystem` through Lightning, driven by
-  :func:`train_character_classifier`; cached with a record of what produced it by :func:`ensure_classifier`,
-  ``python launch.py task=train_classifier``);
-* the torchmetrics building blocks :class:`CharacterScores` (StoryDALL-E's Char-F1 / Frame-Acc) and
-  :class:`DemoFID` (Fréchet distance in the classifier's feature space, never to be called FID).
-
-* :class:`StoryFID` -> ``fid64`` (StoryDALL-E / AR-LDM's PIL 64x64 protocol) or ``fid`` (native): Inception FID
-  on pytorch-fid's network and Fréchet distance (``storyexp.metrics.fid``, also ``python -m storyexp.metrics.fid``).
-
-The other published evaluators (the datasets' Inception-v3 character classifiers, CLIP score) are
-meant to be further :class:`StoryMetric` implementations combined with these in a :class:`StoryMetricSuite`.
+* ``fid`` -> :class:`~storyexp.metrics.fid_reference.SplitFID`: Inception FID on pytorch-fid's network and Fréchet
+  distance, ``fid64`` (StoryDALL-E / AR-LDM's PIL 64x64 protocol) and ``fid`` (native) (:class:`StoryFID`,
+  ``python -m storyexp.metrics.fid``), against the split's cached reference statistics;
+* ``characters`` -> :class:`CharacterMetric`: Char-F1 / Frame-Acc (:class:`CharacterScores`, torchmetrics'
+  multilabel F1 and exact match) under a character classifier: the published Inception-v3
+  (:class:`InceptionCharacterClassifier`, :func:`load_published_classifier`) or the project's own
+  (:class:`CharacterClassifier`, trained through Lightning by :func:`train_character_classifier`, cached with a
+  record by :func:`ensure_classifier`, ``python launch.py task=train_classifier``);
+* ``fid_demo`` -> :class:`ClassifierFIDMetric`: a Fréchet distance in that classifier's features (:class:`DemoFID`;
+  never to be called FID);
+* ``clip`` -> :class:`~storyexp.metrics.clip_scores.StoryCLIPScores`: CLIP score and story consistency.
 """
 
 from storyexp.metrics.base import StoryMetric, StoryMetricSuite
 from storyexp.metrics.character_classifier import (
     CharacterClassifier,
+    CharacterClassifierBase,
     load_classifier,
     load_classifier_with_record,
     save_classifier,
 )
 from storyexp.metrics.characters import CharacterScores
-from storyexp.metrics.classifier_cache import ensure_classifier, load_prepared_classifier
-from storyexp.metrics.classifier_system import CharacterClassifierSystem, train_character_classifier
-from storyexp.metrics.demo_eval import DemoStoryEvaluator
+from storyexp.metrics.classifier_cache import CLASSIFIER_METRICS, ensure_classifier, load_prepared_classifier
+from storyexp.metrics.classifier_metrics import CharacterMetric, ClassifierFIDMetric
+from storyexp.metrics.classifier_system import (
+    CharacterClassifierSystem,
+    InceptionClassifierSystem,
+    train_character_classifier,
+)
 from storyexp.metrics.fid_demo import ClassifierFeatureExtractor, DemoFID
+from storyexp.metrics.inception_classifier import InceptionCharacterClassifier, load_published_classifier
+from storyexp.metrics.registry import METRICS, MetricContext, MetricUnavailable, build_metric
 
 __all__ = [
+    "CLASSIFIER_METRICS",
+    "METRICS",
     "CharacterClassifier",
+    "CharacterClassifierBase",
     "CharacterClassifierSystem",
+    "CharacterMetric",
     "CharacterScores",
+    "ClassifierFIDMetric",
     "ClassifierFeatureExtractor",
     "DemoFID",
-    "DemoStoryEvaluator",
-    "StoryMetric",
+    "InceptionCharacterClassifier",
+    "InceptionClassifierSystem",
+    "MetricContext",
+    "MetricUnavailable",
     "StoryFID",
+    "StoryMetric",
     "StoryMetricSuite",
+    "build_metric",
     "ensure_classifier",
     "load_classifier",
     "load_classifier_with_record",
     "load_prepared_classifier",
+    "load_published_classifier",
     "save_classifier",
     "train_character_classifier",
 ]

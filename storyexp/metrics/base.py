@@ -10,7 +10,9 @@ captions of those frames, and computes a dict of named floats::
 * ``generated``: uint8 ``[N, H, W, 3]`` frames (numpy or torch), the frames a model produced;
 * ``real``: uint8 ``[N, H, W, 3]`` ground-truth frames aligned with ``generated`` (or ``None``);
 * ``labels``: ``[N, C]`` multi-hot character labels of the frames (or ``None`` for datasets without them);
-* ``captions``: ``N`` strings (or ``None``), for text-image metrics such as a CLIP score.
+* ``captions``: ``N`` strings (or ``None``), for text-image metrics such as a CLIP score;
+* ``stories``: ``N`` story ids (or ``None``): frames with the same id belong to one story (story-level metrics such
+  as CLIP story consistency group by it; a story's frames always arrive in one ``update``).
 
 Metrics that do not need an argument ignore it; metrics that need one raise a clear error when it is missing.
 Metric names are flat strings (``fid_demo``, ``char_f1``, ``frame_acc``; later ``fid``, ``clip_score``), the
@@ -34,6 +36,7 @@ class StoryMetric(Protocol):
         labels: Any | None = None,
         *,
         captions: Sequence[str] | None = None,
+        stories: Sequence[str] | None = None,
     ) -> None: ...
 
     def compute(self) -> dict[str, float]: ...
@@ -60,9 +63,10 @@ class StoryMetricSuite:
         labels: Any | None = None,
         *,
         captions: Sequence[str] | None = None,
+        stories: Sequence[str] | None = None,
     ) -> None:
         for metric in self.metrics:
-            metric.update(generated, real, labels, captions=captions)
+            metric.update(generated, real, labels, captions=captions, stories=stories)
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 from unittest import mock
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "main",
     "prepare_frames",
     "save_stats",
+    "stream_stats",
 ]
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -237,7 +238,7 @@ class StoryFID(Metric):
         setattr(self, f"{side}_n", getattr(self, f"{side}_n") + feats.shape[0])
 
     def update(self, generated: Any, real: Any | None = None, labels: Any | None = None, *,  # type: ignore[override]
-               captions: Sequence[str] | None = None) -> None:
+               captions: Sequence[str] | None = None, stories: Sequence[str] | None = None) -> None:
         if real is None and self._reference is None:
             raise ValueError(f"{self.key}: update() needs the real frames (or reference statistics)")
         self._add("fake", generated)
@@ -300,16 +301,14 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise ConfigurationError(f"cannot read image '{path}': {err}") from None
 
 
-def folder_stats(folder: str | os.PathLike, model: InceptionV3, protocol: str, batch_size: int = 50
+def stream_stats(frames: Iterable[np.ndarray], model: InceptionV3, protocol: str, batch_size: int = 50
                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(mu, sigma, n)`` of a folder of images, streamed. Consecutive images of one size share a batch
-    (``native`` protocol with mixed sizes runs them in smaller batches, as pytorch-fid needs batch size 1)."""
-    files = list_images(folder)
-    if len(files) < 2:
-        raise ConfigurationError(f"'{folder}' holds {len(files)} images (png/jpg/jpeg); FID needs at least 2")
+    """``(mu, sigma, n)`` of uint8 ``[H, W, 3]`` frames of any sizes, streamed: consecutive frames of one size (after
+    the protocol's resize) share a batch of up to ``batch_size``, so nothing per frame is kept."""
     total = torch.zeros(FEATURE_DIM, dtype=torch.float64)
     outer = torch.zeros(FEATURE_DIM, FEATURE_DIM, dtype=torch.float64)
     batch: list[np.ndarray] = []
+    n = 0
 
     def flush() -> None:
         nonlocal total, outer
@@ -319,14 +318,26 @@ def folder_stats(folder: str | os.PathLike, model: InceptionV3, protocol: str, b
             outer += feats.T @ feats
             batch.clear()
 
-    for path in files:
-        frame = prepare_frames(_read_rgb(path)[None], protocol)[0].numpy()
+    for frame in frames:
+        frame = prepare_frames(np.asarray(frame)[None], protocol)[0].numpy()
         if batch and (frame.shape != batch[0].shape or len(batch) >= batch_size):
             flush()
         batch.append(frame)
+        n += 1
     flush()
-    mu, sigma = _moments_to_stats(total, outer, len(files))
-    return mu, sigma, len(files)
+    if n < 2:
+        raise ConfigurationError(f"FID needs at least 2 frames; got {n}")
+    mu, sigma = _moments_to_stats(total, outer, n)
+    return mu, sigma, n
+
+
+def folder_stats(folder: str | os.PathLike, model: InceptionV3, protocol: str, batch_size: int = 50
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, n)`` of a folder of images (png/jpg/jpeg, recursive, any sizes), streamed."""
+    files = list_images(folder)
+    if len(files) < 2:
+        raise ConfigurationError(f"'{folder}' holds {len(files)} images (png/jpg/jpeg); FID needs at least 2")
+    return stream_stats((_read_rgb(path) for path in files), model, protocol, batch_size)
 
 
 def _path_stats(path: str, model_fn, protocol: str, batch_size: int) -> tuple[np.ndarray, np.ndarray, int | None]:

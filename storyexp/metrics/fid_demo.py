@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from storyexp.metrics._io import as_uint8_nhwc
-from storyexp.metrics.character_classifier import CharacterClassifier
+from storyexp.metrics.character_classifier import CharacterClassifierBase
 
 __all__ = ["ClassifierFeatureExtractor", "DemoFID"]
 
@@ -42,9 +42,9 @@ class ClassifierFeatureExtractor(nn.Module):
     called with, and has no trainable parameters.
     """
 
-    def __init__(self, classifier: CharacterClassifier, out_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, classifier: CharacterClassifierBase, out_dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
-        if not isinstance(classifier, CharacterClassifier):
+        if not isinstance(classifier, CharacterClassifierBase):
             raise TypeError(f"expected a CharacterClassifier, got {type(classifier).__name__}")
         self.classifier = copy.deepcopy(classifier).eval()
         self.classifier.requires_grad_(False)
@@ -75,7 +75,7 @@ class DemoFID(FrechetInceptionDistance):
     the reference set.
     """
 
-    def __init__(self, classifier: CharacterClassifier, **kwargs: Any) -> None:
+    def __init__(self, classifier: CharacterClassifierBase, **kwargs: Any) -> None:
         kwargs.setdefault("reset_real_features", False)
         super().__init__(feature=ClassifierFeatureExtractor(classifier), normalize=True, **kwargs)
 

@@ -5,7 +5,7 @@ Lightning); this file feeds them the data module's story batches (every frame of
 trained network at the end of fit in the layout `VQGAN.from_ckpt` reads, for StoryDALL-E to use as stage 1.
 
 For the framework's story callbacks the system "generates" a story by reconstructing all its frames (encode,
-quantise, decode): the test metrics (char_f1, frame_acc, fid_demo) are then the ceiling any stage 2 built on
+quantise, decode): the test metrics (char_f1_demo, frame_acc_demo, fid_demo) are then the ceiling any stage 2 built on
 this stage 1 can reach. The shuffled-caption baseline equals the test scores (captions are not used).
 """
 

@@ -272,9 +272,23 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 # --------------------------------------------------------------------------------------------- guards
 
 
-def require_ckpt(cfg: DictConfig) -> str:
+def original_weights(cfg: DictConfig) -> str | None:
+    """The original (non-storyexp) checkpoint the model is built from, when one is configured
+    (`model.network.init_from_*`: a released StoryDALL-E `.pth`, an original AR-LDM Lightning checkpoint)."""
+    network = (cfg.get("model") or {}).get("network") or {}
+    for key in sorted(network):
+        if str(key).startswith("init_from_") and network.get(key):
+            return f"model.network.{key}={network.get(key)}"
+    return None
+
+
+def require_ckpt(cfg: DictConfig, allow_original: bool = False) -> str | None:
+    """`ckpt_path` (checked to exist); with `allow_original`, None when the model is built from original weights."""
     if not cfg.get("ckpt_path"):
-        raise ConfigurationError(f"task={cfg.task} needs a checkpoint: add ckpt_path=/path/to/last.ckpt")
+        if allow_original and original_weights(cfg):
+            return None
+        alt = " (or build the model from original weights: model.network.init_from_*=...)" if allow_original else ""
+        raise ConfigurationError(f"task={cfg.task} needs a checkpoint: add ckpt_path=/path/to/last.ckpt{alt}")
     return require_file(cfg.ckpt_path, "Checkpoint")
 
 

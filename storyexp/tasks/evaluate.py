@@ -1,20 +1,38 @@
-"""task=eval: test a checkpoint (loss, sampled stories, metrics, grids). The model is the checkpoint's own."""
+"""task=eval: test a checkpoint (loss, sampled stories, metrics, frames, grids). The model is the checkpoint's own.
+
+Without `ckpt_path`, the model built from original weights (`model.network.init_from_storydalle`, `...
+init_from_original`) is tested as it is: how a released checkpoint's published numbers are reproduced.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from omegaconf import DictConfig
 
 from storyexp.metrics import ensure_classifier
 
-from storyexp.tasks.common import build_all, collect_metrics, report, require_ckpt, use_checkpoint_model
+from storyexp.tasks.common import (
+    build_all,
+    collect_metrics,
+    original_weights,
+    report,
+    require_ckpt,
+    use_checkpoint_model,
+)
+
+log = logging.getLogger("storyexp")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = require_ckpt(cfg)
-    use_checkpoint_model(cfg, ckpt_path)
+    ckpt_path = require_ckpt(cfg, allow_original=True)
+    if ckpt_path:
+        use_checkpoint_model(cfg, ckpt_path)
+    else:
+        log.info("No ckpt_path: evaluating the model built from %s.", original_weights(cfg))
     datamodule, model, trainer = build_all(cfg)
     ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = collect_metrics(trainer)
-    report(cfg, trainer, metrics, {"evaluated": ckpt_path})
+    report(cfg, trainer, metrics, {"evaluated": ckpt_path or original_weights(cfg)})
     return metrics

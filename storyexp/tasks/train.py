@@ -26,8 +26,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         require_file(ckpt_path, "Checkpoint to resume from (ckpt_path)")
         check_resume_model(cfg, ckpt_path)
     datamodule, model, trainer = build_all(cfg)
-    if cfg.get("test_after_fit", True):  # before fitting: a refused classifier must not cost a training run
-        ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
+    # before fitting (the test loop and the validation metrics load it): a refused classifier must not cost a
+    # training run; None when no configured metric needs it
+    ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = collect_metrics(trainer)
     checkpoints = checkpoint_paths(trainer)

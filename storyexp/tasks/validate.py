@@ -69,11 +69,32 @@ def validate_config(cfg: DictConfig) -> None:
     if "num_workers" in data:
         _require(_is_int(data["num_workers"]) and data["num_workers"] >= 0, "data.num_workers", data["num_workers"],
                  "an integer >= 0")
+    _check_eval(resolved.get("eval") or {})
     model = cfg.get("model")
     if model is not None and "_target_" in model:
         check = getattr(get_class(str(model._target_)), "check_config", None)
         if check is not None:
             check(resolved["model"])
+
+
+def _check_eval(ev: dict[str, Any]) -> None:
+    """Metric names and FID protocols (storyexp.metrics.registry), before any data or model is built."""
+    from storyexp.metrics.fid import PROTOCOLS
+    from storyexp.metrics.registry import METRICS
+
+    for key, names in (("eval.metrics", ev.get("metrics")), ("eval.val_metrics.metrics",
+                                                             (ev.get("val_metrics") or {}).get("metrics"))):
+        for name in names or []:
+            _require(name in METRICS, key, names, f"a list of metric names from {sorted(METRICS)}")
+    protocols = (ev.get("fid") or {}).get("protocols")
+    if protocols is not None:
+        _require(isinstance(protocols, list) and len(protocols) > 0 and all(p in PROTOCOLS for p in protocols),
+                 "eval.fid.protocols", protocols, f"a non-empty list of {sorted(PROTOCOLS)}")
+    val = ev.get("val_metrics") or {}
+    for key in ("num_stories", "every_n_steps"):
+        value = val.get(key)
+        if value is not None:
+            _require(_is_int(value) and value >= 0, f"eval.val_metrics.{key}", value, "an integer >= 0 or null")
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:
