@@ -255,7 +255,20 @@ class StoryFID(Metric):
     def compute(self) -> dict[str, float]:  # type: ignore[override]
         mu1, sigma1 = self.stats("fake")
         mu2, sigma2 = self._reference if self._reference is not None else self.stats("real")
-        return {self.key: frechet_distance(mu1, sigma1, mu2, sigma2)}
+        return {self.key: _on_rank_zero(lambda: frechet_distance(mu1, sigma1, mu2, sigma2))}
+
+
+def _on_rank_zero(fn) -> float:
+    """``fn()`` on global rank 0, its value broadcast to every process: the 2048x2048 matrix square root (~20 s of
+    CPU) runs once per job instead of once per process on CPUs the processes share. Every process holds the same
+    summed statistics, so the value is the one each would have computed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return float(box[0])
 
 
 # ------------------------------------------------------------------------------------------------ files
