@@ -26,7 +26,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_options():
     for group in ("model", "data", "trainer", "logger", "callbacks", "eval", "experiment", "hparams_search",
-                  "launcher", "paths", "hydra"):
+                  "launcher", "paths", "hydra", "debug"):
         assert options(group), group
     assert {"arldm", "arldm_tiny", "arldm_demo"} <= set(options("model"))
     assert {"demo", "pororo", "flintstones", "ssid"} <= set(options("data"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -53,6 +54,10 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ConfigurationError(f"Unknown task={cfg.task}. Known tasks: {', '.join(TASKS)}.")
     validate_config(cfg)
     refuse_multirun_with_subprocess_ddp(cfg)
+    if cfg.get("print_config"):
+        from storyexp.utils.config_tree import print_config_tree
+
+        print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     try:
         metrics = importlib.import_module(f"storyexp.tasks.{TASKS[cfg.task]}").run(cfg)
     finally:
