@@ -225,3 +225,57 @@ def test_benchmark_task_times_training_and_sampling(shared_data_dir, tmp_path, m
 def test_benchmark_refuses_bad_options(shared_data_dir, tmp_path):
     with pytest.raises(ConfigurationError, match="benchmark.device"):
         run(tmp_path, shared_data_dir, "task=benchmark", "benchmark.device=tpu")
+
+
+def test_resume_in_place_with_ckpt_path_last(shared_data_dir, tmp_path):
+    """ckpt_path=last in the interrupted run's own directory: it continues there, at the same step, with its
+    best-checkpoint tracking (one best file, not one per run) and the same W&B run id."""
+    from storyexp.utils.resolvers import RUN_ID_FILE, wandb_run_id
+
+    common = ["trainer.limit_train_batches=2", "trainer.max_steps=-1", "test_after_fit=false", "eval=loss_only"]
+    _, out = run(tmp_path, shared_data_dir, *common, "trainer.max_epochs=1", name="r")
+    run_id = wandb_run_id(str(out))
+    assert (out / RUN_ID_FILE).read_text().strip() == run_id
+    _, again = run(tmp_path, shared_data_dir, *common, "trainer.max_epochs=2", "ckpt_path=last", name="r")
+    assert again == out
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4 and last["epoch"] == 1
+    best = sorted((out / "checkpoints").glob("step_*.ckpt"))
+    assert len(best) == 1  # the restored top-1 tracking replaced or kept the first run's best, never both
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"]["best"] == str(best[0])
+    assert wandb_run_id(str(out)) == run_id and wandb_run_id(str(tmp_path / "other")) != run_id
+    # ckpt_path=<run directory>: its newest checkpoint; ckpt_path=last in a directory without any: one line
+    from storyexp.tasks.common import newest_checkpoint
+
+    assert newest_checkpoint(out) in {out / "checkpoints" / "last.ckpt", *(out / "checkpoints").glob("*.ckpt")}
+    with pytest.raises(MissingResourceError, match="ckpt_path=last: no checkpoint.*hydra.run.dir"):
+        run(tmp_path, shared_data_dir, *common, "ckpt_path=last", name="fresh")
+
+
+def test_wandb_logger_config_carries_the_run_id(tmp_path):
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg(["logger=wandb"], tmp_path)
+    assert cfg.logger.wandb.resume == "allow"
+    assert cfg.logger.wandb.id == (tmp_path / "out" / "wandb_run_id.txt").read_text().strip()
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from storyexp.utils.loading import StoryexpCheckpointIO
+
+    io = StoryexpCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+
+    def crash(self, checkpoint, target, storage_options=None):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

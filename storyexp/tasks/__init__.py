@@ -33,6 +33,7 @@ from storyexp.tasks.common import (
     finish_wandb,
     optimized_value,
     refuse_multirun_with_subprocess_ddp,
+    resolve_ckpt_path,
 )
 from storyexp.tasks.validate import validate_config
 from storyexp.utils import register_resolvers
@@ -54,6 +55,7 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ConfigurationError(f"Unknown task={cfg.task}. Known tasks: {', '.join(TASKS)}.")
     validate_config(cfg)
     refuse_multirun_with_subprocess_ddp(cfg)
+    resolve_ckpt_path(cfg)
     if cfg.get("print_config"):
         from storyexp.utils.config_tree import print_config_tree
 

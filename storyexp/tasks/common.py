@@ -272,6 +272,40 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 # --------------------------------------------------------------------------------------------- guards
 
 
+def newest_checkpoint(folder: str | Path) -> Path | None:
+    """The most recently written ``.ckpt`` of a run directory (its ``checkpoints/``) or of a checkpoint folder;
+    on equal times ``last.ckpt`` wins. Temporary files of an interrupted write are never picked."""
+    folder = Path(folder)
+    place = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    files = [p for p in place.glob("*.ckpt") if p.is_file()]
+    if not files:
+        return None
+    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> None:
+    """``ckpt_path=last``: the newest checkpoint of this run's directory (resume in place with
+    ``hydra.run.dir=<run>``); ``ckpt_path=<run directory>``: the newest checkpoint of that run. A file is kept."""
+    value = cfg.get("ckpt_path")
+    if not value:
+        return
+    value = str(value)
+    if value == "last":
+        folder = Path(cfg.paths.output_dir)
+        how = ("ckpt_path=last resumes the run whose directory this is: pass hydra.run.dir=<that run's directory> "
+               "(logs/<task>/runs/<time>), or ckpt_path=<run directory or .ckpt file>")
+    elif Path(value).is_dir():
+        folder, how = Path(value), "pass a run directory with checkpoints/ or a .ckpt file"
+    else:
+        return
+    found = newest_checkpoint(folder)
+    if found is None:
+        raise MissingResourceError(f"ckpt_path={value}: no checkpoint in '{folder / 'checkpoints'}'; {how}.")
+    log.info("ckpt_path=%s: %s", value, found)
+    with open_dict(cfg):
+        cfg.ckpt_path = str(found)
+
+
 def original_weights(cfg: DictConfig) -> str | None:
     """The original (non-storyexp) checkpoint the model is built from, when one is configured
     (`model.network.init_from_*`: a released StoryDALL-E `.pth`, an original AR-LDM Lightning checkpoint)."""

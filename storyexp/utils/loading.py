@@ -224,7 +224,16 @@ def check_state_dict(target: Mapping[str, torch.Tensor], state: Mapping[str, Any
 
 
 class StoryexpCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with reading through `load_file` (resume, test and predict from `ckpt_path`)."""
+    """Lightning's checkpoint IO with reading through `load_file` (resume, test and predict from `ckpt_path`) and
+    atomic writing."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):  # noqa: ARG002 (always weights only)
         return load_file(path, "Checkpoint (ckpt_path)", map_location=map_location or "cpu")
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        """Written to a temporary file beside ``path`` and renamed onto it: a kill mid-write never leaves a
+        truncated checkpoint (Lightning's own save writes the target file in place)."""
+        from storyexp.utils.io import atomic_write
+
+        atomic_write(path, lambda tmp: super(StoryexpCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                        storage_options))
