@@ -106,7 +106,7 @@ def _last_number(stdout: str) -> float:
 class _Recorder:
     """Stands in for the Fréchet distance where a test checks what reaches it, not the distance itself: one
     2048x2048 ``scipy.linalg.sqrtm`` takes ~15 s on two cores. The real distance is checked against pytorch-fid
-    end to end in ``test_fid64_command_equals_pytorch_fid``."""
+    end to end in ``test_fid64_command_equals_pytorch_fid`` (slow) and by the 1-vs-2-process eval test."""
 
     def __init__(self):
         self.calls = []
@@ -116,6 +116,25 @@ class _Recorder:
         return 1.25
 
 
+def test_fid64_command_statistics_equal_pytorch_fid(weights, folders, tmp_path, monkeypatch, capsys):
+    """fid64: what the command hands pytorch-fid's distance equals pytorch-fid's own statistics of the same images
+    (after the PIL 64x64 resize); the distance itself is pytorch-fid's function (the full value, through a
+    subprocess, is compared in the slow test below: each 2048x2048 sqrtm costs ~20 s on 2 cores)."""
+    dir_a, files_a, dir_b, files_b = folders
+    rec = _Recorder()
+    monkeypatch.setattr(fidmod, "frechet_distance", rec)
+    assert fidmod.main([str(dir_a), str(dir_b), "--protocol", "fid64", "--weights", str(weights),
+                        "--batch-size", "4"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.strip().splitlines()[-1].startswith("fid64 ") and _last_number(stdout) == 1.25
+    model = _pfid_model(weights)
+    for (mu, s), files, name in ((rec.calls[0][:2], files_a, "ra"), (rec.calls[0][2:], files_b, "rb")):
+        pmu, ps = _pfid_stats(model, files, "fid64", tmp_path / name)
+        np.testing.assert_allclose(mu, pmu, rtol=1e-5, atol=1e-6 * np.abs(pmu).max())
+        np.testing.assert_allclose(s, ps, rtol=1e-4, atol=1e-6 * np.abs(ps).max())
+
+
+@pytest.mark.slow
 def test_fid64_command_equals_pytorch_fid(weights, folders, tmp_path):
     """The command (a subprocess, real Fréchet distance) against pytorch-fid on the same file and images."""
     dir_a, files_a, dir_b, files_b = folders
@@ -270,3 +289,19 @@ def test_command_user_errors(folders, tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("storyexp: error: "), err
+
+
+def test_frechet_distance_equals_an_independent_numpy_scipy_computation():
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), by symmetric eigendecompositions (not
+    pytorch-fid's sqrtm of the product), on 64-d statistics of random features."""
+    from scipy.linalg import eigh
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 64)), rng.normal(0.3, 1.2, size=(150, 64)) @ rng.normal(size=(64, 64)) * 0.2
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    w, v = eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = eigh(root1 @ s2 @ root1, eigvals_only=True)
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(middle, 0, None)).sum())
+    assert fidmod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    assert fidmod.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from storyexp.data import StoryDataModule, ensure_demo_dataset, generate_demo_stories
-from storyexp.data.datamodule import UnpaddedDistributedSampler, eval_shard
+from storyexp.data.datamodule import ResumableSampler, UnpaddedDistributedSampler, eval_shard
 from storyexp.errors import ConfigurationError
 
 DEMO_KW = dict(seed=3, n_train=6, n_val=5, n_test=7, resolution=16)
@@ -84,8 +84,11 @@ def test_datamodule_eval_loaders_score_each_story_once(demo_file, monkeypatch, w
                 split = "val" if key == "val" else "test"
                 assert batch["ids"] == [stories[split][i].id for i in batch["index"].tolist()]
                 seen[key] += batch["index"].tolist()
-        train = dm.train_dataloader()  # training: Lightning's padded DistributedSampler is injected later
-        assert isinstance(train.sampler, RandomSampler)
+        train = dm.train_dataloader()  # training: shuffled, padded shards (DistributedSampler's rule), resumable
+        assert isinstance(train.sampler, ResumableSampler)
+        assert (train.sampler.num_replicas, train.sampler.rank) == (world_size, rank)
+        seen["train"] = seen.get("train", []) + list(train.sampler)
+    assert set(seen["train"]) == set(range(DEMO_KW["n_train"]))  # every training story in some shard
     assert sorted(seen["val"]) == list(range(DEMO_KW["n_val"]))
     assert sorted(seen["test"]) == sorted(seen["predict"]) == list(range(DEMO_KW["n_test"]))
 

@@ -279,3 +279,35 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(shared_data_dir, tmp_path):
+    """SIGKILL in the middle of an epoch, after a step checkpoint; `ckpt_path=last` in the same directory trains on
+    the batches the killed run had not seen (resumable loader) with the RNG states it had (noise, timesteps), so
+    the final weights equal those of a run that was never interrupted. No completed checkpoint is lost."""
+    common = ["trainer.limit_train_batches=4", "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false",
+              "eval=loss_only", "callbacks.step_checkpoint.every_n_train_steps=2", "callbacks.story_grids.num_stories=0"]
+    _, straight = run(tmp_path, shared_data_dir, *common, name="straight")  # this process runs torch on 1 thread
+    # ... and so do the killed and the resumed processes: the same kernels, bit for bit
+    env = {**__import__("os").environ, "WANDB_MODE": "disabled", "STORYEXP_DATA_DIR": str(shared_data_dir),
+           "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, str(REPO / "launch.py"), *TINY_DEMO, *TINY_RUN, *common,
+            f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run_dir}"]
+    killed = subprocess.run(args + ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=3"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert left == ["latest_step_0000002.ckpt"]  # complete (no temporary file), step 2 of epoch 0's 4
+    step2 = torch.load(run_dir / "checkpoints" / left[0], map_location="cpu", weights_only=True)
+    assert step2["global_step"] == 2 and step2["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
+
+    resumed = subprocess.run(args + ["ckpt_path=last"], capture_output=True, text=True, env=env, timeout=600,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), key

@@ -18,7 +18,7 @@ from .sources import load_stories, open_split
 from .story import N_FRAMES, Story, StoryDataError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .datamodule import StoryDataModule, collate_stories
+    from .datamodule import ResumableLoader, StoryDataModule, collate_stories
 
 __all__ = [
     "Story",
@@ -27,6 +27,7 @@ __all__ = [
     "HDF5Stories",
     "write_hdf5",
     "write_stories_hdf5",
+    "ResumableLoader",
     "StoryDataModule",
     "collate_stories",
     "DEMO_CHARACTERS",
@@ -40,7 +41,7 @@ __all__ = [
     "register",
 ]
 
-_LAZY = {"StoryDataModule", "collate_stories"}
+_LAZY = {"ResumableLoader", "StoryDataModule", "collate_stories"}
 
 
 def __getattr__(name: str) -> Any:

@@ -39,6 +39,8 @@ from .story import N_FRAMES, Story, StoryDataError
 
 __all__ = [
     "StoryDataModule",
+    "ResumableLoader",
+    "ResumableSampler",
     "StoryItems",
     "UnpaddedDistributedSampler",
     "collate_stories",
@@ -73,6 +75,56 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: ``DistributedSampler``'s shuffled, padded shard per epoch (a permutation drawn from
+    ``seed + epoch``), which can start ``start`` items into the shard -- where an interrupted run stopped.
+
+    It is a ``DistributedSampler`` so Lightning keeps it (and calls ``set_epoch``) instead of injecting its own;
+    on one process it is the whole permutation. ``start`` applies to the next iteration only.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=False)
+        self.start = 0
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(list(super().__iter__())[start:])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch: Lightning saves ``state_dict()`` in every checkpoint (the epoch
+    and how many batches of it were handed out) and gives it back to ``load_state_dict`` on resume; the next
+    iteration of that epoch then skips those batches, so a resumed run trains on the batches the interrupted one
+    had not seen, in the same order. (torchdata's StatefulDataLoader does this too, with a dependency this
+    needs no more of: Lightning does not prefetch from a loader with a length, so the count is exact.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handed_out = 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self):
+        sampler = self.sampler
+        skip = 0
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            if state.get("epoch") == sampler.epoch and 0 < int(state.get("batches", 0)) < len(self):
+                skip = int(state["batches"])
+        sampler.start = skip * int(self.batch_size)
+        self._handed_out = skip
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self._handed_out)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._resume = dict(state)
 
 
 PREDICT = "predict"  # the stories given to `predict_on`
@@ -293,8 +345,11 @@ class StoryDataModule(L.LightningDataModule):
         frame_choice: Mapping[str, str] | None = None,
         sentence_embeddings: bool = False,
         generated_path: str | os.PathLike | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
+        # the training order's seed; None: the run's `seed` (seed_everything's PL_GLOBAL_SEED), else 0
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         spec = get_dataset(name)  # an unknown name: ConfigurationError listing the known ones
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -539,7 +594,24 @@ class StoryDataModule(L.LightningDataModule):
         return self._eval_loader(split, dataset)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True)  # Lightning adds its (padded) DistributedSampler
+        """Shuffled per epoch from the run's seed, sharded (padded) under DDP, resumable mid-epoch
+        (:class:`ResumableLoader`)."""
+        dataset = self._dataset(self.train_split)
+        world_size, rank = eval_shard() or (1, 0)
+        seed = self.shuffle_seed if self.shuffle_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ResumableLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            sampler=ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_stories,
+            drop_last=False,
+            # the iterator draws its workers' base seed from this, not from the global RNG: creating the
+            # iterator of a resumed epoch must not shift the draws the training step makes
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_split)

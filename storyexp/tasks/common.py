@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from storyexp.callbacks.model_record import RECORD_KEY, ModelRecord
+from storyexp.callbacks.resume_state import ResumeState
 from storyexp.data import StoryDataError
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
 from storyexp.utils.io import atomic_write_text
@@ -58,8 +59,10 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
-    # always: every checkpoint records the model config it was trained with (eval/sample rebuild from it)
-    return callbacks + [ModelRecord(model_choice(cfg), OmegaConf.to_container(cfg.model, resolve=False))]
+    # always: every checkpoint records the model config it was trained with (eval/sample rebuild from it) and the
+    # RNG states and loader position (a resumed run draws and trains on what the interrupted one would have)
+    return callbacks + [ModelRecord(model_choice(cfg), OmegaConf.to_container(cfg.model, resolve=False)),
+                        ResumeState()]
 
 
 def build_loggers(cfg: DictConfig) -> list:
