@@ -130,12 +130,20 @@ def test_experiment_options_compose(name, tmp_path):
 
 @pytest.mark.parametrize("name", options("hparams_search"))
 def test_hparams_search_options_compose(name, tmp_path):
-    cfg = compose_cfg([f"hparams_search={name}"], tmp_path)
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.optimized_metric == "val/loss"
-    # every searched key exists in the composed config
-    for key in cfg.hydra.sweeper.params:
-        assert OmegaConf.select(cfg, key, default="__missing__") != "__missing__", key
+    family = name.split("_")[0]  # <model>_optuna searches that model family, at any of its sizes
+    assert family in options("model")
+    for model in (family, f"{family}_demo", f"{family}_tiny"):
+        cfg = compose_cfg([f"hparams_search={name}", f"model={model}"], tmp_path)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        assert cfg.optimized_metric == "val/loss"
+        # every searched key exists in the composed config
+        for key in cfg.hydra.sweeper.params:
+            assert OmegaConf.select(cfg, key, default="__missing__") != "__missing__", (model, key)
+
+
+def test_every_model_family_has_a_search():
+    families = {m.split("_")[0] for m in options("model")} - {"vqgan"}
+    assert {f"{f}_optuna" for f in families} <= set(options("hparams_search"))
 
 
 @pytest.mark.parametrize("name", options("launcher"))

@@ -232,3 +232,17 @@ def test_validation_schedule():
     spaced._last_step = 5
     assert not spaced._due(104) and spaced._due(105)
     assert ValidationMetrics(eval_cfg={}, metrics=["fid"]).state_dict() == {"last_step": None}
+
+
+def test_a_run_without_test_loop_prepares_no_classifier(tmp_path, shared_data_dir):
+    """eval.metrics belong to the test loop: with test_after_fit=false (a sweep trial) the classifier is neither
+    trained nor checked (an impossible floor would refuse it), unless eval.val_metrics needs it."""
+    from storyexp.tasks import run_task
+
+    base = TINY_DEMO + TINY_RUN + ["test_after_fit=false", "eval.classifier.min_val_frame_acc=1.5",
+                                   f"eval.classifier.path={tmp_path / 'clf.pt'}"]
+    run_task(compose_cfg(base, tmp_path / "a", data_dir=shared_data_dir))
+    assert not (tmp_path / "clf.pt").exists()
+    with pytest.raises(ConfigurationError, match="min_val_frame_acc=1.5"):
+        run_task(compose_cfg(base + ["eval.val_metrics.metrics=[characters]"], tmp_path / "b",
+                             data_dir=shared_data_dir))

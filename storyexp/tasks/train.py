@@ -7,6 +7,7 @@ import logging
 from omegaconf import DictConfig
 
 from storyexp.metrics import ensure_classifier
+from storyexp.utils.cache import plain
 
 from storyexp.tasks.common import (
     build_all,
@@ -27,8 +28,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_resume_model(cfg, ckpt_path)
     datamodule, model, trainer = build_all(cfg)
     # before fitting (the test loop and the validation metrics load it): a refused classifier must not cost a
-    # training run; None when no configured metric needs it
-    ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
+    # training run; nothing is done when no metric of this run needs it (without a test loop, eval.metrics don't)
+    needed = plain(cfg.eval)
+    if not cfg.get("test_after_fit", True):
+        needed["metrics"] = []
+    ensure_classifier(needed, datamodule, output_dir=cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = collect_metrics(trainer)
     checkpoints = checkpoint_paths(trainer)
