@@ -17,60 +17,40 @@ stories=None)`` with uint8 ``[N, H, W, 3]`` frames, ``compute() -> dict[str, flo
 * ``clip`` -> :class:`~storyexp.metrics.clip_scores.StoryCLIPScores`: CLIP score and story consistency.
 """
 
-from storyexp.metrics.base import StoryMetric, StoryMetricSuite
-from storyexp.metrics.character_classifier import (
-    CharacterClassifier,
-    CharacterClassifierBase,
-    load_classifier,
-    load_classifier_with_record,
-    save_classifier,
-)
-from storyexp.metrics.characters import CharacterScores
-from storyexp.metrics.classifier_cache import CLASSIFIER_METRICS, ensure_classifier, load_prepared_classifier
-from storyexp.metrics.classifier_metrics import CharacterMetric, ClassifierFIDMetric
-from storyexp.metrics.classifier_system import (
-    CharacterClassifierSystem,
-    InceptionClassifierSystem,
-    train_character_classifier,
-)
-from storyexp.metrics.fid_demo import ClassifierFeatureExtractor, DemoFID
-from storyexp.metrics.inception_classifier import InceptionCharacterClassifier, load_published_classifier
-from storyexp.metrics.registry import METRICS, MetricContext, MetricUnavailable, build_metric
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CLASSIFIER_METRICS",
-    "METRICS",
-    "CharacterClassifier",
-    "CharacterClassifierBase",
-    "CharacterClassifierSystem",
-    "CharacterMetric",
-    "CharacterScores",
-    "ClassifierFIDMetric",
-    "ClassifierFeatureExtractor",
-    "DemoFID",
-    "InceptionCharacterClassifier",
-    "InceptionClassifierSystem",
-    "MetricContext",
-    "MetricUnavailable",
-    "StoryFID",
-    "StoryMetric",
-    "StoryMetricSuite",
-    "build_metric",
-    "ensure_classifier",
-    "load_classifier",
-    "load_classifier_with_record",
-    "load_prepared_classifier",
-    "load_published_classifier",
-    "save_classifier",
-    "train_character_classifier",
-]
+# name -> module: every name is imported on first use (PEP 562), so importing one light module of the package
+# (the registry, when a task validates its config) does not pull in torchmetrics, torchvision or pytorch-fid,
+# and `python -m storyexp.metrics.fid` runs a module the package has not imported yet
+_EXPORTS = {
+    "StoryMetric": "base", "StoryMetricSuite": "base",
+    "CharacterClassifier": "character_classifier", "CharacterClassifierBase": "character_classifier",
+    "load_classifier": "character_classifier", "load_classifier_with_record": "character_classifier",
+    "save_classifier": "character_classifier",
+    "CharacterScores": "characters",
+    "CLASSIFIER_METRICS": "classifier_cache", "ensure_classifier": "classifier_cache",
+    "load_prepared_classifier": "classifier_cache",
+    "CharacterMetric": "classifier_metrics", "ClassifierFIDMetric": "classifier_metrics",
+    "CharacterClassifierSystem": "classifier_system", "InceptionClassifierSystem": "classifier_system",
+    "train_character_classifier": "classifier_system",
+    "ClassifierFeatureExtractor": "fid_demo", "DemoFID": "fid_demo",
+    "StoryFID": "fid",
+    "InceptionCharacterClassifier": "inception_classifier", "load_published_classifier": "inception_classifier",
+    "METRICS": "registry", "MetricContext": "registry", "MetricUnavailable": "registry", "build_metric": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from storyexp.metrics.base import StoryMetric, StoryMetricSuite  # noqa: F401
+    from storyexp.metrics.fid import StoryFID  # noqa: F401
 
 
-def __getattr__(name: str):
-    # StoryFID is imported on first use: `python -m storyexp.metrics.fid` then runs a module the package has not
-    # imported yet (no runpy warning), and importing the package does not pull in pytorch-fid / scipy.
-    if name == "StoryFID":
-        from storyexp.metrics.fid import StoryFID
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
 
-        return StoryFID
+        value = getattr(importlib.import_module(f"storyexp.metrics.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,6 +40,7 @@ from torchmetrics import Metric
 
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
 from storyexp.metrics._io import as_uint8_nhwc
+from storyexp.metrics.registry import FID_PROTOCOLS, fid_protocol
 from storyexp.utils.io import atomic_write
 from storyexp.utils.loading import load_file
 
@@ -62,18 +63,13 @@ __all__ = [
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "STORYEXP_FID_WEIGHTS"
-#: protocol name (command line / config) -> metric key
-PROTOCOLS = {"fid64": "fid64", "native": "fid"}
+PROTOCOLS = FID_PROTOCOLS  # protocol name (command line / config) -> metric key
 FEATURE_DIM = 2048
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _protocol_key(protocol: str) -> str:
-    if protocol == "fid":
-        protocol = "native"
-    if protocol not in PROTOCOLS:
-        raise ConfigurationError(f"unknown FID protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[protocol]
+    return PROTOCOLS[fid_protocol(protocol)]
 
 
 # ------------------------------------------------------------------------------------------------ weights

@@ -34,7 +34,7 @@ import torch
 from storyexp.errors import ConfigurationError
 from storyexp.metrics._io import as_uint8_nhwc
 from storyexp.metrics.fid import PROTOCOLS, StoryFID, build_inception, find_weights, stream_stats
-from storyexp.metrics.registry import MetricContext, MetricUnavailable
+from storyexp.metrics.registry import MetricContext, MetricUnavailable, fid_protocol
 from storyexp.utils.cache import data_fingerprint, make_record, matches, plain
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,6 @@ def weights_sha256(path: str | os.PathLike) -> str:
     return _SHA_CACHE[key]
 
 
-def _protocol(name: str) -> str:
-    name = "native" if name == "fid" else str(name)
-    if name not in PROTOCOLS:
-        raise ConfigurationError(f"eval.fid.protocols: unknown protocol {name!r}; known: {sorted(PROTOCOLS)}")
-    return name
-
-
 def reference_record(datamodule: Any, split: str, protocol: str, weights: str | os.PathLike) -> dict[str, Any]:
     """What the reference statistics of ``split`` depend on (see the module docstring)."""
     stage = "test" if split == getattr(datamodule, "test_split", "test") else "val"
@@ -76,7 +69,7 @@ def reference_record(datamodule: Any, split: str, protocol: str, weights: str | 
         "task": str(getattr(datamodule, "task", "visualization")),
         "frame_choice": str((getattr(datamodule, "frame_choice", None) or {}).get("eval", "fixed")),
         "frame_size": getattr(datamodule, "frame_size", None),
-        "protocol": _protocol(protocol),
+        "protocol": fid_protocol(protocol),
         "weights_sha256": weights_sha256(weights),
     }
     return make_record(KIND, config, fingerprint)
@@ -143,7 +136,7 @@ class SplitFID:
 
     def __init__(self, protocols: list[str], inception: Any, *, references: Mapping[str, Any] | None = None,
                  caches: Mapping[str, tuple[Path, dict]] | None = None, expected_frames: int | None = None) -> None:
-        self.protocols = [_protocol(p) for p in protocols]
+        self.protocols = [fid_protocol(p) for p in protocols]
         if not self.protocols:
             raise ConfigurationError("eval.fid.protocols is empty; give fid64 and/or native")
         references = dict(references or {})
@@ -212,7 +205,7 @@ def build_fid_metric(context: MetricContext) -> SplitFID:
     """``eval.fid`` -> :class:`SplitFID`: weights looked up (``MetricUnavailable`` when absent and not required),
     cached references read for the test split."""
     cfg = context.section("fid")
-    protocols = [_protocol(p) for p in (cfg.get("protocols") or ["fid64"])]
+    protocols = [fid_protocol(p) for p in (cfg.get("protocols") or ["fid64"])]
     try:
         weights = find_weights(cfg.get("weights"), context.weights_dir)
     except Exception as err:  # MissingResourceError: one line saying where to put the file

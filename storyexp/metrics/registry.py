@@ -20,7 +20,21 @@ from typing import Any, Sequence
 
 from storyexp.errors import ConfigurationError, StoryexpError
 
-__all__ = ["METRICS", "MetricContext", "MetricSpec", "MetricUnavailable", "build_metric", "check_metric_names"]
+__all__ = ["FID_PROTOCOLS", "METRICS", "MetricContext", "MetricSpec", "MetricUnavailable", "build_metric",
+           "check_metric_names", "fid_protocol"]
+
+#: FID protocol (config, command line) -> its metric key. Here, not in fid.py, because config validation reads it
+#: before anything is built and must not import pytorch-fid.
+FID_PROTOCOLS = {"fid64": "fid64", "native": "fid"}
+
+
+def fid_protocol(name: str) -> str:
+    """``fid64`` or ``native`` (``fid``, the native protocol's key, is accepted for it); one line otherwise."""
+    name = "native" if name == "fid" else str(name)
+    if name not in FID_PROTOCOLS:
+        raise ConfigurationError(f"unknown FID protocol {name!r} (eval.fid.protocols / --protocol); expected one of "
+                                 f"{sorted(FID_PROTOCOLS)}")
+    return name
 
 
 class MetricUnavailable(StoryexpError):

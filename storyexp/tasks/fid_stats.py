@@ -25,6 +25,7 @@ log = logging.getLogger("storyexp")
 
 def run(cfg: DictConfig) -> dict[str, float]:
     from storyexp.metrics.fid import PROTOCOLS, build_inception, find_weights
+    from storyexp.metrics.registry import fid_protocol
     from storyexp.metrics.fid_reference import (
         compute_reference, load_reference, recorded_frames, reference_path, reference_record, save_reference)
     from storyexp.utils.cache import plain
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for protocol in fid_cfg.get("protocols") or ["fid64"]:
         record = reference_record(datamodule, split, protocol, weights)
         path = reference_path(fid_cfg["stats_dir"], record)
-        key = PROTOCOLS["native" if protocol == "fid" else protocol]
+        key = PROTOCOLS[fid_protocol(protocol)]
         if load_reference(path, record) is not None:
             log.info("%s reference of the %s split is up to date: %s", key, split, path)
             n = recorded_frames(path)

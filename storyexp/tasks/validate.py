@@ -79,8 +79,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _check_eval(ev: dict[str, Any]) -> None:
     """Metric names and FID protocols (storyexp.metrics.registry), before any data or model is built."""
-    from storyexp.metrics.fid import PROTOCOLS
-    from storyexp.metrics.registry import METRICS
+    from storyexp.metrics.registry import FID_PROTOCOLS as PROTOCOLS, METRICS
 
     for key, names in (("eval.metrics", ev.get("metrics")), ("eval.val_metrics.metrics",
                                                              (ev.get("val_metrics") or {}).get("metrics"))):
