@@ -62,22 +62,34 @@ class _Marker:
         return (Path.touch, (self.path,))
 
 
+def user_error_line(tmp_path: Path, *overrides: str) -> str:
+    """The task's user error, in this process (the CLI prints exactly this after "storyexp: error: ", as
+    test_a_bad_trainer_value_is_one_line_before_anything_is_built checks through launch.py)."""
+    from storyexp.tasks import UserError
+
+    with pytest.raises(UserError) as err:
+        run_composed(list(overrides), tmp_path / "run", tmp_path / "data")
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
 def test_a_crafted_checkpoint_is_refused_before_it_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "x": _Marker(marker)}, evil)
     for task in ("eval", "sample"):
-        line = one_line_error(launch(f"task={task}", f"ckpt_path={evil}", cwd=tmp_path))
+        line = user_error_line(tmp_path, f"task={task}", f"ckpt_path={evil}")
         assert str(evil) in line and "refused" in line and "pathlib" in line.lower()
     assert not marker.exists()
 
 
 def test_foreign_files_as_ckpt_path_are_one_line(tmp_path):
-    line = one_line_error(launch("task=eval", "ckpt_path=/etc/passwd", cwd=tmp_path))
+    line = user_error_line(tmp_path, "task=eval", "ckpt_path=/etc/passwd")
     assert "/etc/passwd" in line and "not a PyTorch checkpoint" in line
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
-    line = one_line_error(launch("task=sample", f"ckpt_path={plain}", cwd=tmp_path))
+    line = user_error_line(tmp_path, "task=sample", f"ckpt_path={plain}")
     assert str(plain) in line and "not a Lightning checkpoint" in line
 
 
@@ -181,7 +193,8 @@ def test_every_model_samples_a_story_the_same_in_any_batch(model, shared_data_di
     assert (np.abs(other.numpy().astype(np.int16) - together.numpy().astype(np.int16)) > 1).mean() > 0.05
 
 
-def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_dir, tmp_path, fid_weights):
+def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_dir, tmp_path, fid_weights,
+                                                      monkeypatch):
     """The same checkpoint through task=eval on 1 process and on 2 (trainer=ddp_cpu): identical metrics.json --
     loss, Inception FID (both sides computed in the run: no cached reference), the character scores, fid_demo and
     the baseline -- and the same generated frames on disk; each test story is generated and scored once (the
@@ -192,16 +205,19 @@ def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_di
         f"ckpt_path={path}", "trainer.limit_test_batches=null", "data.batch_size=6",
         "data.limit_test=5"]  # 5 stories: one process gets 3, the other 2 (Inception at 299 px is the cost here)
     outs, frames = {}, {}
-    for trainer in ("cpu", "ddp_cpu"):
-        env = {**os.environ, "WANDB_MODE": "disabled", "STORYEXP_DATA_DIR": str(shared_data_dir),
-               "STORYEXP_FID_WEIGHTS": str(fid_weights)}
-        run_dir = tmp_path / trainer
-        proc = subprocess.run([sys.executable, str(REPO / "launch.py"), f"trainer={trainer}", *overrides,
-                               f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run_dir}"],
-                              capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[trainer] = json.loads((run_dir / "metrics.json").read_text())
-        frames[trainer] = sorted(p.relative_to(run_dir / "generated") for p in (run_dir / "generated").rglob("*.png"))
+    # 1 process in this one (no interpreter start-up), 2 through launch.py, where Lightning re-launches it for rank 1
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("STORYEXP_FID_WEIGHTS", str(fid_weights))
+    outs["cpu"], run_dir = run_composed(overrides + ["trainer=cpu"], tmp_path / "cpu", shared_data_dir)
+    frames["cpu"] = sorted(p.relative_to(run_dir / "generated") for p in (run_dir / "generated").rglob("*.png"))
+    env = {**os.environ, "STORYEXP_DATA_DIR": str(shared_data_dir)}
+    run_dir = tmp_path / "ddp_cpu"
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "trainer=ddp_cpu", *overrides,
+                           f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs["ddp_cpu"] = json.loads((run_dir / "metrics.json").read_text())
+    frames["ddp_cpu"] = sorted(p.relative_to(run_dir / "generated") for p in (run_dir / "generated").rglob("*.png"))
     assert {"test/loss", "test/fid64", "test/char_f1_demo", "test/frame_acc_demo", "test/fid_demo",
             "baseline/char_f1_demo"} <= outs["cpu"].keys()
     assert outs["cpu"].keys() == outs["ddp_cpu"].keys()

@@ -160,14 +160,13 @@ class ARLDMSystem(StorySystem):
     # --------------------------------------------------------------------------------------------- steps
 
     def losses(self, batch: dict[str, Any], generators: list[torch.Generator] | None) -> dict[str, torch.Tensor]:
-        """Training: classifier-free dropout and fresh noise. Validation / test (`generators` given): no dropout,
-        and noise, timesteps and the VAE posterior sample drawn per story, so the losses compare across epochs,
-        runs, batch sizes and process counts (the original used fresh noise)."""
+        """Noise, timesteps, the VAE posterior sample and (training only) the classifier-free dropout rows, drawn
+        from each story's generator: validation/test losses compare across epochs and runs, and a training step is
+        the same on any number of processes (the original drew all of it from the global RNG)."""
         inputs = self.prepare_batch(batch)
-        if generators is None:
-            out = self.net.training_loss(**inputs, cfg_prob=float(self.hparams.train.get("cfg_dropout", 0.1)))
-        else:
-            out = self.net.training_loss(**inputs, cfg_prob=0.0, generator=per_row(generators, self.num_targets))
+        cfg_prob = float(self.hparams.train.get("cfg_dropout", 0.1)) if self.training else 0.0
+        rows = per_row(generators, self.num_targets) if generators is not None else None
+        out = self.net.training_loss(**inputs, cfg_prob=cfg_prob, generator=rows)
         return {"loss": out.loss}
 
     # ------------------------------------------------------------------------------------------ sampling

@@ -12,9 +12,11 @@ Tasks and callbacks use only this interface, never a concrete system:
     check_config(model_config)  (classmethod)                  the model's options, checked before building
 
 The shared lifecycle lives here once:
-- **per-story seeding**: every random draw of validation, test and sampling comes from one generator per story,
-  seeded from the run's seed and the story's id (`story_seed`), so results do not depend on batch size, worker
-  count or process count;
+- **per-story seeding**: every random draw of training (diffusion noise and timesteps, classifier-free and
+  caption dropout), validation, test and sampling comes from one generator per story, seeded from the run's seed
+  and the story's id (`story_seed`; training also mixes in the optimizer step), so results do not depend on batch
+  size, worker count or process count: 2 DDP processes take the same step as 1 (tests/test_ddp_equivalence.py).
+  Dropout layers inside the networks still draw from torch's global RNG (their masks are per element);
 - the eval-mode toggle while sampling, the caption-truncation warning, the predict output, the steps and their
   metrics (validation/test losses are story-weighted means kept in torchmetrics states, exact across processes),
   the strict state-dict check on load, AdamW + warm-up/decay.
@@ -98,7 +100,8 @@ class StorySystem(L.LightningModule):
     # ------------------------------------------------------------------------------------ subclass hooks
 
     def losses(self, batch: dict[str, Any], generators: list[torch.Generator] | None) -> dict[str, torch.Tensor]:
-        """{"loss": ..., other terms}; random draws from `generators` (one per story) when given."""
+        """{"loss": ..., other terms}; random draws from `generators` (one per story) when given. `self.training`
+        tells training (dropouts on) from validation/test (off)."""
         raise NotImplementedError
 
     def sample_stories(self, batch: dict[str, Any], captions: list[list[str]] | None, num_candidates: int,
@@ -121,10 +124,26 @@ class StorySystem(L.LightningModule):
         base = int(self.hparams.seed if seed is None else seed)
         return [torch.Generator(device=self.device).manual_seed(story_seed(base, str(sid))) for sid in batch["ids"]]
 
+    def training_generators(self, batch: dict[str, Any]) -> list[torch.Generator]:
+        """One generator per story for this optimizer step: fresh draws every step (as the originals' global RNG
+        gave), but the same for a story whichever process, batch or resume it is trained in."""
+        base, step = int(self.hparams.seed), int(self.global_step)
+        return [torch.Generator(device=self.device).manual_seed(story_seed(base, f"{sid}/train/{step}"))
+                for sid in batch["ids"]]
+
+    def per_process_share(self, count: torch.Tensor) -> torch.Tensor:
+        """A count summed over the training processes, divided by their number: the normaliser that makes a loss
+        averaged over variable-sized terms (e.g. caption tokens) the global batch's mean under DDP. The count itself
+        is the same on 1 process."""
+        count = count.detach().to(torch.float64)
+        if self._trainer is not None and self._trainer.world_size > 1:
+            count = self._trainer.strategy.reduce(count, reduce_op="mean")
+        return count
+
     # -------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch, batch_idx):
-        out = self.losses(batch, None)
+        out = self.losses(batch, self.training_generators(batch))
         for key, value in out.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=len(batch["ids"]))
         return out["loss"]

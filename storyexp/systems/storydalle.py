@@ -159,8 +159,12 @@ class StoryDalleSystem(StoryTokenSystem):
 
     def losses(self, batch: dict[str, Any], generators=None) -> dict[str, torch.Tensor]:
         inputs = self.prepare_batch(batch)
-        return self.net.loss(**inputs, pad_id=self.pad_id,
-                             mask_text_padding=bool(self.hparams.train.get("mask_text_padding", True)))
+        mask = bool(self.hparams.train.get("mask_text_padding", True))
+        tokens = None
+        if mask and self.training:  # the text CE's normaliser: the global batch's caption tokens, per process
+            texts = inputs["texts"]
+            tokens = self.per_process_share((texts.reshape(-1, texts.shape[-1])[:, 1:] != self.pad_id).sum())
+        return self.net.loss(**inputs, pad_id=self.pad_id, mask_text_padding=mask, text_tokens=tokens)
 
     # -------------------------------------------------------------------------------------------- sampling
 

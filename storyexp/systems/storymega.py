@@ -108,7 +108,8 @@ class StoryMegaSystem(StoryTokenSystem):
     def losses(self, batch: dict[str, Any], generators=None) -> dict[str, torch.Tensor]:
         inputs = self.prepare_batch(batch)
         dropout = float(self.hparams.train.get("text_dropout", 0.0)) if self.training else 0.0
-        return story_loss(self.model, **inputs, start_token=self.start_token, text_dropout=dropout)
+        return story_loss(self.model, **inputs, start_token=self.start_token, text_dropout=dropout,
+                          generator=generators)
 
     # -------------------------------------------------------------------------------------------- sampling
 

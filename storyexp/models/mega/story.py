@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storyexp.models.draws import Generators
+from storyexp.models.draws import Generators, rand
 from storyexp.models.story_frames import sample_story_frames
 
 from .model import MegaDalle, unconditional_ids
@@ -69,12 +69,13 @@ def story_logits(model: MegaDalle, texts: Tensor, images: Tensor, source_codes: 
 
 def story_loss(model: MegaDalle, texts: Tensor, images: Tensor, source_codes: Tensor | None, *, start_token: int,
                source_rows: Tensor | None = None, text_dropout: float = 0.0,
-               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+               generator: Generators = None) -> dict[str, Tensor]:
     """Image-token CE. `text_dropout`: the fraction of frames whose caption is replaced by the empty one
-    (`[<s>, </s>]`) so the model also learns the unconditional half that superconditioning needs."""
+    (`[<s>, </s>]`) so the model also learns the unconditional half that superconditioning needs; with one
+    generator per story (`models.draws`) each story's frames are drawn from its own."""
     if text_dropout > 0:
         flat = texts.reshape(-1, texts.shape[-1])
-        drop = torch.rand(flat.shape[0], generator=generator, device=flat.device) < text_dropout
+        drop = rand(flat.shape[0], generator=generator, device=flat.device) < text_dropout
         texts = torch.where(drop[:, None], unconditional_ids(flat), flat).view_as(texts)
     logits = story_logits(model, texts, images, source_codes, start_token=start_token, source_rows=source_rows)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), images.reshape(-1))

@@ -261,15 +261,22 @@ class StoryDalleNet(nn.Module):
         pad_id: int,
         mask_text_padding: bool = True,
         source_rows: Tensor | None = None,
+        text_tokens: Tensor | float | None = None,
     ) -> dict[str, Tensor]:
-        """Image CE + text CE (weights 1:1). mask_text_padding=False reproduces the original (pads are targets)."""
+        """Image CE + text CE (weights 1:1). mask_text_padding=False reproduces the original (pads are targets).
+
+        The masked text CE is a sum over kept tokens divided by `text_tokens` (default: this batch's count). Under
+        data parallelism the caller passes the global batch's count divided by the number of processes, so the
+        processes' mean loss -- and DDP's averaged gradient -- is the global batch's token mean, not a mean of
+        per-shard means (shards hold different numbers of caption tokens)."""
         logits_img, logits_txt = self(texts, images, source_codes, sentence_embeds, source_rows)
         loss_img = F.cross_entropy(logits_img.reshape(-1, logits_img.shape[-1]), images.reshape(-1))
         tgt = texts.reshape(-1, texts.shape[-1])[:, 1:].reshape(-1)
         per_tok = F.cross_entropy(logits_txt.reshape(-1, logits_txt.shape[-1]), tgt, reduction="none")
         if mask_text_padding:
             keep = (tgt != pad_id).to(per_tok.dtype)
-            loss_txt = (per_tok * keep).sum() / keep.sum().clamp_min(1.0)
+            count = keep.sum() if text_tokens is None else torch.as_tensor(text_tokens, dtype=per_tok.dtype)
+            loss_txt = (per_tok * keep).sum() / count.clamp_min(1.0)
         else:
             loss_txt = per_tok.mean()
         return {"loss": loss_img + loss_txt, "loss_img": loss_img, "loss_txt": loss_txt}
