@@ -11,7 +11,9 @@ stamp=.venv/.storyexp-requirements.sha
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.txt
+  # DS_BUILD_OPS=0: deepspeed installs as pure Python (no CUDA toolkit or compiler needed; storyexp uses none of
+  # its compiled ops: torch's AdamW steps even offloaded states)
+  DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -r requirements.txt
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi

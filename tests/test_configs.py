@@ -128,17 +128,7 @@ def test_experiment_options_compose(name, tmp_path):
     assert name.split("_")[0] in {*cfg.tags, "demo"}
 
 
-@pytest.mark.parametrize("name", options("hparams_search"))
-def test_hparams_search_options_compose(name, tmp_path):
-    family = name.split("_")[0]  # <model>_optuna searches that model family, at any of its sizes
-    assert family in options("model")
-    for model in (family, f"{family}_demo", f"{family}_tiny"):
-        cfg = compose_cfg([f"hparams_search={name}", f"model={model}"], tmp_path)
-        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-        assert cfg.optimized_metric == "val/loss"
-        # every searched key exists in the composed config
-        for key in cfg.hydra.sweeper.params:
-            assert OmegaConf.select(cfg, key, default="__missing__") != "__missing__", (model, key)
+# hparams_search presets (keys, objective rule) and the W&B sweep files: tests/test_sweeps.py
 
 
 def test_every_model_family_has_a_search():
@@ -177,21 +167,3 @@ def test_multirun_with_subprocess_ddp_is_refused(tmp_path):
 def test_tiny_overrides_compose(tmp_path):
     cfg = compose_cfg(TINY_DEMO + ["model=arldm_tiny", "data.task=visualization"], tmp_path)
     assert cfg.model.task == "visualization" and cfg.data.demo.n_train == 48
-
-
-def test_wandb_sweep_files_compose(tmp_path):
-    import yaml
-
-    files = sorted((CONF.parent / "sweeps" / "wandb").glob("*.yaml"))
-    assert files
-    for path in files:
-        sweep = yaml.safe_load(path.read_text())
-        assert sweep["program"] == "launch.py" and "${args_no_hyphens}" in sweep["command"]
-        fixed = [c for c in sweep["command"] if not c.startswith("${")]
-        overrides = list(fixed)
-        for key, spec in sweep["parameters"].items():
-            value = spec["values"][0] if "values" in spec else spec["min"]
-            overrides.append(f"{key}={value}")
-        cfg = compose_cfg(overrides, tmp_path)
-        for key in sweep["parameters"]:
-            assert OmegaConf.select(cfg, key) is not None, (path.name, key)

@@ -101,6 +101,19 @@ class ARLDMSystem(StorySystem):
                 getattr(self.net, name).eval()
         self.net.vae.eval()
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        """The UNet's down, mid and up blocks and the CLIP text, BLIP ViT and BLIP text layers (the frozen VAE
+        stays in the root unit)."""
+        from transformers.models.blip.modeling_blip import BlipEncoderLayer
+        from transformers.models.blip.modeling_blip_text import BlipTextLayer
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+        unet, layers = self.net.unet, (CLIPEncoderLayer, BlipEncoderLayer, BlipTextLayer)
+        encoders = [m for part in (self.net.text_encoder, self.net.mm_encoder) for m in part.modules()
+                    if isinstance(m, layers)]
+        mid = [unet.mid_block] if unet.mid_block is not None else []
+        return [*unet.down_blocks, *mid, *unet.up_blocks, *encoders]
+
     # ------------------------------------------------------------------------------------ batch preparation
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:

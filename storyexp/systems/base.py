@@ -220,8 +220,28 @@ class StorySystem(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.load_checkpoint_extras(checkpoint)
+        if "state_dict" not in checkpoint:  # FSDP / DeepSpeed load their shards themselves, strictly
+            return
         # one line naming the problems, before Lightning's strict load would raise a long RuntimeError
         check_state_dict(self.state_dict(), checkpoint.get("state_dict", {}), "Checkpoint (ckpt_path)")
+
+    # ------------------------------------------------------------------------------------ scaling
+
+    def block_modules(self) -> list[torch.nn.Module]:
+        """The networks' repeated blocks, each one run through its own `forward`: the units FSDP gathers one at a
+        time and activation checkpointing recomputes (`storyexp.tasks.strategies`). None: neither is available."""
+        return []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The recipes clip by norm; under FSDP the norm must be taken over every rank's shards, which only the
+        FSDP root's `clip_grad_norm_` does (Lightning's FSDP precision refuses `gradient_clip_algorithm=norm`)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.model
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel) and gradient_clip_algorithm in (None, "norm"):
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------------------ optimizers
 

@@ -118,6 +118,13 @@ class StoryDalleSystem(StoryTokenSystem):
             for name, param in self.net.stage2.named_parameters():
                 param.requires_grad_("emb" in name or name.startswith("head_txt"))
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        """`StoryDalleNet._run_blocks` runs a backbone block piecewise (attention, then cross-attention, then MLP)
+        rather than through `Block.forward`, so the units are each block's attention and MLP, the cross-attention
+        layers, and the story block (which does run as one)."""
+        blocks = self.net.stage2.blocks
+        return [m for blk in blocks for m in (blk.attn, blk.mlp)] + list(self.net.cross_attn) + [self.net.story_block]
+
     # ------------------------------------------------------------------------------------ batch preparation
 
     @property

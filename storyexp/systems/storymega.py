@@ -89,6 +89,10 @@ class StoryMegaSystem(StoryTokenSystem):
                 if "condition" in name:
                     param.requires_grad_(True)
 
+    def block_modules(self) -> list[torch.nn.Module]:
+        """The BART encoder and decoder layers (the condition attention lives inside its decoder layer)."""
+        return [*self.model.encoder.layers, *self.model.decoder.layers]
+
     # ------------------------------------------------------------------------------------ batch preparation
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:

@@ -24,6 +24,8 @@ from storyexp.callbacks.model_record import RECORD_KEY, ModelRecord
 from storyexp.callbacks.resume_state import ResumeState
 from storyexp.data import StoryDataError
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
+from storyexp.tasks import sharded
+from storyexp.tasks.strategies import scale_model, strategy_kind
 from storyexp.utils.io import atomic_write_text
 from storyexp.utils.loading import StoryexpCheckpointIO, load_file
 
@@ -69,8 +71,14 @@ def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(c) for c in _targets(cfg.get("logger"))]
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, model: L.LightningModule | None = None) -> L.Trainer:
     extra = {}
+    # activation checkpointing and FSDP / DeepSpeed read the model's own blocks (strategies.py)
+    if model is not None:
+        extra.update(scale_model(cfg, model))
+    elif cfg.get("activation_checkpointing") or strategy_kind(cfg.trainer):
+        raise ValueError("build_trainer needs the model for activation_checkpointing / trainer=fsdp|deepspeed")
+    sharded.check_readable_by(cfg.get("ckpt_path"), strategy_kind(cfg.trainer))
     if not cfg.trainer.get("plugins") and str(cfg.trainer.get("strategy", "auto")) in ("auto", "ddp", "ddp_spawn"):
         # checkpoints read through the one safe loader (the tasks also pass weights_only=True, which covers
         # strategies that bring their own checkpoint IO)
@@ -98,7 +106,7 @@ def build_all(cfg: DictConfig):
     datamodule, model = build_data_and_model(cfg)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers)
+    trainer = build_trainer(cfg, callbacks, loggers, model)
     log_hyperparameters(cfg, trainer, model)
     return datamodule, model, trainer
 
@@ -130,7 +138,10 @@ def _command_line(cfg: DictConfig) -> list[str]:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """The checkpoint at `path`, loaded safely (memory-mapped) and checked to be one storyexp wrote."""
+    """The checkpoint at `path`, loaded safely (memory-mapped) and checked to be one storyexp wrote. A sharded
+    checkpoint folder (FSDP / DeepSpeed) gives everything but its weights (the model record among it)."""
+    if sharded.sharded_kind(path):
+        return sharded.read_metadata(path)
     checkpoint = load_file(path, "Checkpoint (ckpt_path)", how_to_get=CKPT_HINT, mmap=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigurationError(f"Checkpoint (ckpt_path) {path} is not a Lightning checkpoint (it has no "
@@ -260,11 +271,27 @@ def print_summary(summary: dict, output_dir: Path) -> None:
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``optimized_metric`` that launch.py hands to a Hydra sweeper (train only).
+
+    The metric is the config's choice, never a substitute: a sweep (``hparams_search``, whose rule picks
+    ``val/fid64`` at the published sizes and ``val/loss`` at the tiny and demo ones) gets the metric it asked for,
+    or, in a multirun, a one-line error naming the metric and how to get it -- no study mixes objectives.
+    """
     name = cfg.get("optimized_metric")
     if not name or cfg.task != "train":
         return None
     if name not in metrics:
-        message = f"optimized_metric '{name}' was not logged. Logged metrics: {', '.join(sorted(metrics)) or 'none'}."
+        if str(name).startswith("val/fid"):
+            fix = ("It is the FID of eval.val_metrics.num_stories validation stories: it needs fid in "
+                   "eval.val_metrics.metrics, its protocol in eval.fid.protocols and the FID Inception weights "
+                   "(eval.fid.weights); or pass optimized_metric=val/loss.")
+        elif str(name).startswith("val/"):
+            fix = ("Validation must run before training ends (trainer.limit_val_batches > 0, and "
+                   "trainer.check_val_every_n_epoch / val_check_interval within trainer.max_epochs / max_steps).")
+        else:
+            fix = "Pass optimized_metric=<one of the logged metrics>."
+        message = (f"optimized_metric={name} was not logged (logged: {', '.join(sorted(metrics)) or 'none'}). "
+                   f"{fix}")
         if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
             raise ConfigurationError(message)  # a sweeper needs the value
         log.warning(message)
@@ -280,10 +307,17 @@ def newest_checkpoint(folder: str | Path) -> Path | None:
     on equal times ``last.ckpt`` wins. Temporary files of an interrupted write are never picked."""
     folder = Path(folder)
     place = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
-    files = [p for p in place.glob("*.ckpt") if p.is_file()]
+    files = [p for p in place.glob("*.ckpt") if p.is_file() or sharded.sharded_kind(p)]
     if not files:
         return None
-    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))
+    return max(files, key=lambda p: (_written_ns(p), p.name == "last.ckpt"))
+
+
+def _written_ns(path: Path) -> int:
+    """When a checkpoint file, or the newest file of a sharded checkpoint folder, was written."""
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime_ns)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> None:
@@ -297,7 +331,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> None:
         folder = Path(cfg.paths.output_dir)
         how = ("ckpt_path=last resumes the run whose directory this is: pass hydra.run.dir=<that run's directory> "
                "(logs/<task>/runs/<time>), or ckpt_path=<run directory or .ckpt file>")
-    elif Path(value).is_dir():
+    elif Path(value).is_dir() and not sharded.sharded_kind(value):  # a sharded checkpoint folder is kept
         folder, how = Path(value), "pass a run directory with checkpoints/ or a .ckpt file"
     else:
         return
@@ -330,7 +364,8 @@ def require_ckpt(cfg: DictConfig, allow_original: bool = False) -> str | None:
 
 
 def require_file(path: str, what: str) -> str:
-    if not Path(path).is_file():
+    """`path` if it is a file, or a sharded checkpoint folder (FSDP / DeepSpeed)."""
+    if not Path(path).is_file() and not sharded.sharded_kind(path):
         raise MissingResourceError(what, path, "Pass an existing .ckpt file written by storyexp (checkpoints/).")
     return str(path)
 
@@ -347,7 +382,7 @@ def refuse_multirun_with_subprocess_ddp(cfg: DictConfig) -> None:
     if str(hc.mode) != "RunMode.MULTIRUN":
         return
     launcher = str(hc.launcher.get("_target_", ""))
-    strategy = str(cfg.trainer.get("strategy", "auto"))
+    strategy = strategy_kind(cfg.trainer) or str(cfg.trainer.get("strategy", "auto"))
     devices = cfg.trainer.get("devices", 1)
     many = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1) or isinstance(devices, list)
     if "BasicLauncher" in launcher and strategy in SUBPROCESS_DDP and many:

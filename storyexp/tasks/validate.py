@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from storyexp.errors import ConfigurationError
+from storyexp.tasks.strategies import check_strategy_config
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -62,6 +63,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key, (test, want) in TRAINER_KEYS.items():
         if key in trainer and not (trainer[key] is None and key in OPTIONAL):
             _require(trainer[key] is not None and test(trainer[key]), f"trainer.{key}", trainer[key], want)
+    check_strategy_config(resolved)  # trainer=fsdp|deepspeed options, activation_checkpointing
     data = resolved.get("data") or {}
     if "batch_size" in data:
         _require(_is_int(data["batch_size"]) and data["batch_size"] >= 1, "data.batch_size", data["batch_size"],

@@ -416,5 +416,9 @@ def blip_preprocess_pil(images_uint8: np.ndarray, image_size: int) -> torch.Tens
 
 
 def blip_null_image(image_size: int, dtype=torch.float32) -> torch.Tensor:
-    """AR-LDM's null image for BLIP: a black image after pre-processing, [1, 3, image_size, image_size]."""
-    return blip_preprocess(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8), image_size, dtype=dtype)
+    """AR-LDM's null image for BLIP: a black image after pre-processing, [1, 3, image_size, image_size].
+
+    Computed on the CPU whatever the default device (Pillow needs real data), so a model built under
+    ``torch.device("meta")`` (parameter counts, sharded initialisation) still gets its real null image."""
+    black = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8, device="cpu")
+    return blip_preprocess(black, image_size, device="cpu", dtype=dtype)
