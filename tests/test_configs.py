@@ -140,7 +140,8 @@ def test_every_model_family_has_a_search():
 def test_launcher_options_compose(name, tmp_path):
     cfg = compose_cfg([f"launcher={name}", "trainer=ddp"], tmp_path)
     target = cfg.hydra.launcher._target_
-    assert ("SlurmLauncher" in target) if name == "slurm" else ("BasicLauncher" in target)
+    expected = {"local": "BasicLauncher", "slurm": "ResumingSlurmLauncher", "submitit_local": "ResumingLocalLauncher"}
+    assert target.endswith(expected[name])
     if name == "slurm":
         assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices
 

@@ -284,7 +284,9 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(shared_data_dir, tmp_path):
     """SIGKILL in the middle of an epoch, after a step checkpoint; `ckpt_path=last` in the same directory trains on
     the batches the killed run had not seen (resumable loader) with the RNG states it had (noise, timesteps), so
-    the final weights equal those of a run that was never interrupted. No completed checkpoint is lost."""
+    the final weights equal those of a run that was never interrupted. No completed checkpoint is lost.
+    SIGTERM instead (a scheduler's pre-emption): the state of the step under way is saved at its end and the run
+    stops cleanly; resumed from that checkpoint it ends with the same weights too."""
     common = ["trainer.limit_train_batches=4", "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false",
               "eval=loss_only", "callbacks.step_checkpoint.every_n_train_steps=2", "callbacks.story_grids.num_stories=0"]
     _, straight = run(tmp_path, shared_data_dir, *common, name="straight")  # this process runs torch on 1 thread
@@ -311,3 +313,22 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(shared_data
     assert a["global_step"] == b["global_step"] == 8
     for key, value in a["state_dict"].items():
         assert torch.equal(b["state_dict"][key], value), key
+
+    # SIGTERM at step 3 (in this process: Lightning's handler is installed for the fit only): storyexp's Preemption
+    # callback saves step 3 at its end and Lightning's SIGTERMException (a SystemExit, status 0) ends the run
+    sigterm = ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=3",
+               "+callbacks.kill.signal=SIGTERM"]
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, shared_data_dir, *common, *sigterm, name="terminated")
+    assert stopped.value.code in (None, 0)
+    kept = tmp_path / "terminated" / "out" / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["latest_step_0000002.ckpt", "preempted.ckpt"]
+    step3 = torch.load(kept / "preempted.ckpt", map_location="cpu", weights_only=True)
+    assert step3["global_step"] == 3
+    assert step3["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
+    _, out = run(tmp_path, shared_data_dir, *common, "ckpt_path=last", name="terminated")
+    c = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert c["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(c["state_dict"][key], value), key
+    assert not (kept / "preempted.ckpt").exists()  # superseded by the completed fit's newer checkpoints
