@@ -88,7 +88,10 @@ class StoryTokenSystem(StorySystem):
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, F, H, W, 3] -> stage-1 codes [B, F, T] (frames resized, mapped to [-1, 1] or [0, 1])."""
+        """uint8 [B, F, H, W, 3] -> stage-1 codes [B, F, T] (frames resized, mapped to [-1, 1] or [0, 1]).
+
+        In fp32 with autocast off even inside a `trainer.precision=*-mixed` step or `sampler.autocast`, as the
+        originals extract codes: `VQGAN.get_codes` guarantees it (`storyexp.models.vqgan.precision`)."""
         B, F = frames.shape[:2]
         images = resize_uint8(frames.reshape(-1, *frames.shape[2:]), self.image_size).to(self.device)
         images = images.float().div(255.0) if self.frames_zero_one else minus_one_one(images)
@@ -122,7 +125,8 @@ class StoryTokenSystem(StorySystem):
     def sample_stories(self, batch, captions, num_candidates: int, settings: dict[str, Any],
                        generators: list[torch.Generator]) -> torch.Tensor:
         """Codes drawn under the configured autocast (rows story-major, so story b's draws all come from
-        generators[b]), decoded by stage 1 in fp32: uint8 [B, K, V, H, W, 3]."""
+        generators[b]), decoded by stage 1 in fp32 (the stage-1 networks turn autocast off themselves, also under
+        the callbacks' precision context; `storyexp.models.vqgan.precision`): uint8 [B, K, V, H, W, 3]."""
         B, K = batch["frames"].shape[0], num_candidates
         with self._autocast(settings.get("autocast")):
             codes = self.sample_codes(batch, captions, K, settings, generators)  # [B*K, V, T]

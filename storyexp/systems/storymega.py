@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from storyexp.models.mega.build import build_storymega
+from storyexp.models.mega.build import build_storymega, weights_dtype
 from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_json, tokenizer_to_json
 from storyexp.systems.story_tokens import StoryTokenSystem
 from storyexp.utils.images import uint8_from_zero_one
@@ -35,7 +35,9 @@ class StoryMegaSystem(StoryTokenSystem):
         image_size: frames are resized to this square before stage 1 encodes them.
         network: `storyexp.models.mega.build` (`source: pretrained | sizes`), plus `start_token`
             (pretrained: 16383, min-dalle's), `source_zero_one` (true: the original's [0, 1] input to the taming
-            encoder; taming VQGANs are trained on [-1, 1]) and `stage1_fit` (sizes: fit stage 1 on first use).
+            encoder; taming VQGANs are trained on [-1, 1]), `stage1_fit` (sizes: fit stage 1 on first use) and
+            `weights_dtype` (float32 | float16 | bfloat16: the dtype the encoder and decoder are kept in; stage 1
+            stays float32).
         story: `condition` (condition layers on), `gate_init` zero | none (the original's ungated layers).
         train: `mode` finetune (encoder + decoder, the original's) | condition_only (condition layers and the text
             embedding); `text_dropout` (fraction of captions replaced by the empty one while training).
@@ -46,6 +48,11 @@ class StoryMegaSystem(StoryTokenSystem):
     """
 
     modes = MODES
+
+    @classmethod
+    def check_config(cls, model: dict[str, Any]) -> None:
+        super().check_config(model)
+        weights_dtype(model.get("network") or {})  # one-line ConfigurationError for a bad weights_dtype
 
     def __init__(
         self,

@@ -7,6 +7,10 @@ the project's own caches all load through `load_file`:
 - anything else with `torch.load(weights_only=True)`: tensors, plain containers and numbers only, plus the few
   types Lightning checkpoints hold (`SAFE_GLOBALS`). A pickle that would import anything else is refused before
   any of it runs.
+- Lightning 1.x checkpoints (taming-transformers' `last.ckpt`, written by PL 1.0) name a callback class as the key
+  of their `callbacks` state. Those classes are allowed by name only (`NAME_ONLY_GLOBALS`): the name loads as an
+  inert stand-in class, pytorch_lightning is never imported (1.x is not installed), and a file that tries to
+  build an object of such a class is refused like any other.
 
 Every failure is one `StoryexpError` line naming the file and what to do: missing (`MissingResourceError`), refused
 (`UnsafeFileError`), unreadable (`UnreadableFileError`). Lightning itself reads checkpoints through
@@ -36,7 +40,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from storyexp.errors import MissingResourceError, StoryexpError
 
 __all__ = [
+    "NAME_ONLY_GLOBALS",
     "CheckpointMismatchError",
+    "NameOnlyGlobal",
     "StoryexpCheckpointIO",
     "UnreadableFileError",
     "UnsafeFileError",
@@ -44,9 +50,40 @@ __all__ = [
     "load_file",
 ]
 
-# Types that Lightning writes into its checkpoints besides tensors and plain containers (none today for the
-# checkpoints storyexp writes; kept as the one place to allow a type when a Lightning upgrade needs it).
-SAFE_GLOBALS: list[Any] = []
+class NameOnlyGlobal:
+    """Base of the stand-ins a name in `NAME_ONLY_GLOBALS` loads as: a class whose only content is the name
+    (`pickled_name`). Building one (what a pickle would do to make an object of the named class) raises, so the
+    file is refused (`UnsafeFileError`)."""
+
+    pickled_name: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any):  # noqa: ARG003
+        raise pickle.UnpicklingError(f"{_BUILT_NAME_ONLY} {cls.pickled_name}")
+
+
+_BUILT_NAME_ONLY = "storyexp reads this class by name only; the file builds an object of"
+
+# Classes that Lightning 1.0-1.4 pickle *as classes* (never as objects): `Trainer.on_save_checkpoint` stores each
+# callback's state under `type(callback)`, so the pickle holds `GLOBAL pytorch_lightning.callbacks.<module>.<Name>`
+# with no call after it (taming-transformers' VQGAN `last.ckpt`, PL 1.0, has ModelCheckpoint; Lightning >= 1.5 uses
+# string keys). torch's `weights_only` unpickler resolves a GLOBAL from `add_safe_globals`-style `(object, name)`
+# pairs, which lets the name resolve to a stand-in without importing pytorch_lightning. Considered: importing the real
+# classes (PL 1.x is not installed, and allowing a real class lets a pickle build it), `weights_only=False` (runs any
+# code), re-pickling through `pickle.Unpickler.find_class` (a second unpickler beside torch's).
+NAME_ONLY_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+)
+
+
+def _name_only(full_name: str) -> tuple[type, str]:
+    stand_in = type(f"NameOnly[{full_name}]", (NameOnlyGlobal,), {"pickled_name": full_name, "__module__": __name__})
+    return stand_in, full_name
+
+
+# Types (or `(object, "module.Name")` pairs) that `load_file` lets a pickle reference besides tensors and plain
+# containers: the one place to allow a type. Today only the name-only Lightning 1.x callback classes.
+SAFE_GLOBALS: list[Any] = [_name_only(name) for name in NAME_ONLY_GLOBALS]
 
 
 class UnsafeFileError(StoryexpError):
@@ -85,6 +122,13 @@ def load_file(path: str | Path, what: str = "File", *, map_location: Any = "cpu"
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as err:
+        built = re.search(re.escape(_BUILT_NAME_ONLY) + r" ([\w.]+)", str(err))
+        if built:
+            raise UnsafeFileError(
+                f"{what} {path} was refused: loading it would build a {built.group(1)} object (storyexp reads that "
+                "class only as a name, as Lightning 1.x checkpoints use it), i.e. run code from the file; re-save the "
+                "weights as a state dict (torch.save(model.state_dict(), ...)) or as safetensors."
+            ) from None
         if "Weights only load failed" in str(err):
             imports = _imported_globals(path)
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
@@ -171,7 +215,8 @@ def _scan_pickle(buffer: io.BytesIO, found: list[str]) -> None:
 def _note(found: list[str], module: object, qualname: object) -> None:
     module = {"__builtin__": "builtins"}.get(module, module)  # protocol <= 2 writes Python 2's name
     full = f"{module}.{qualname}"
-    if isinstance(module, str) and isinstance(qualname, str) and not _HARMLESS_GLOBAL.match(full) and full not in found:
+    if (isinstance(module, str) and isinstance(qualname, str) and not _HARMLESS_GLOBAL.match(full)
+            and full not in NAME_ONLY_GLOBALS and full not in found):  # allowed names are not why it was refused
         found.append(full)
 
 
@@ -201,14 +246,17 @@ def _first_line(err: BaseException) -> str:
 
 def check_state_dict(target: Mapping[str, torch.Tensor], state: Mapping[str, Any], what: str, *,
                      ignore_unexpected: bool = False, ignore_missing=lambda key: False, hint: str = "",
-                     shown: int = 5) -> None:
+                     shown: int = 5) -> list[str]:
     """Raise one `CheckpointMismatchError` naming every kind of problem (missing keys, unexpected keys, shape
     mismatches), with counts and the first `shown` of each, when `state` does not fit `target` exactly.
 
     `what` names the file ("VQGAN checkpoint /path/last.ckpt"); `hint` replaces the default advice at the end.
-    Missing keys for which `ignore_missing(key)` holds are allowed (they keep the model's values).
+    Missing keys for which `ignore_missing(key)` holds are allowed; they are returned (sorted), so that the caller
+    fills them as its format defines (min-dalle's absent LayerNorm scales are ones) or keeps the model's values.
     """
-    missing = sorted(k for k in set(target) - set(state) if not ignore_missing(k))
+    absent = set(target) - set(state)
+    excused = sorted(k for k in absent if ignore_missing(k))
+    missing = sorted(absent.difference(excused))
     unexpected = [] if ignore_unexpected else sorted(set(state) - set(target))
     mismatched = sorted(
         f"{k} (file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})"
@@ -221,6 +269,7 @@ def check_state_dict(target: Mapping[str, torch.Tensor], state: Mapping[str, Any
     if parts:
         hint = hint or "use the file that belongs to the configured model, or configure the model's sizes to match it"
         raise CheckpointMismatchError(f"{what} does not fit the model: {'; '.join(parts)}; {hint}.")
+    return excused
 
 
 class StoryexpCheckpointIO(TorchCheckpointIO):

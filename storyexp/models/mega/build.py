@@ -10,6 +10,10 @@
 The dataset's character names are added to the tokenizer as whole words and the text embedding is resized once,
 to the tokenizer's size when that is larger (the original resized twice, leaving unused rows).
 
+`weights_dtype` (float32 | float16 | bfloat16; default float32, as the original's `dtype=torch.float32`) is the
+dtype the encoder and decoder are kept in; min-dalle distributes them in float16, so float16 keeps them as
+distributed at half the memory. Stage 1 (the taming encoder, the detokenizer) stays float32 whatever it is.
+
     built = build_storymega(network, story, characters)
     built = StoryMegaBuilder(story, characters).build(network)   # the same
 """
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 
+from storyexp.errors import ConfigurationError
 from storyexp.models.sources import NetworkBuilder, network_seed
 from storyexp.models.vqgan import VQGAN, VQGANConfig, build_stage1
 from storyexp.utils.loading import UnreadableFileError, load_file
@@ -37,6 +42,17 @@ VQGAN_HINT = (
     "`last.ckpt` (heidelberg heibox link in the taming-transformers README); put it at model.network.vqgan_encoder "
     "(README.md, 'Weights')."
 )
+
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def weights_dtype(network: Mapping[str, Any]) -> torch.dtype:
+    """`network.weights_dtype` as a torch dtype (ConfigurationError, one line, for any other value)."""
+    name = network.get("weights_dtype", "float32")
+    if name not in WEIGHTS_DTYPES:
+        raise ConfigurationError(f"model.network.weights_dtype={name!r} is not valid: it must be one of "
+                                 f"{list(WEIGHTS_DTYPES)}.")
+    return WEIGHTS_DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ class StoryMegaBuilder(NetworkBuilder[StoryMegaComponents, StoryMegaComponents])
     def from_pretrained(self, network: dict[str, Any]) -> StoryMegaComponents:
         torch.manual_seed(network_seed(network))  # condition layers and new embedding rows are reproducible
         model = MegaDalle.from_pretrained(str(network.get("min_dalle")), attention_heads=network.get("attention_heads"),
-                                          **self._condition())
+                                          dtype=weights_dtype(network), **self._condition())
         stage1 = _taming_encoder(network)
         return StoryMegaComponents(stage1=stage1, model=model, start_token=int(network.get("start_token", START_TOKEN)),
                                    sampled_vocab=SAMPLED_VOCAB)
@@ -101,6 +117,7 @@ class StoryMegaBuilder(NetworkBuilder[StoryMegaComponents, StoryMegaComponents])
         rows = model.encoder.embed_tokens.num_embeddings
         if model.tokenizer.vocab_size > rows:
             model.encoder.resize_token_embeddings(model.tokenizer.vocab_size)
+        model.transformer_to(weights_dtype(network))  # pretrained: loaded in it already; sizes: built in fp32
         parts.stage1.requires_grad_(False).eval()
         if model.detokenizer is not None:
             model.detokenizer.requires_grad_(False).eval()
@@ -113,7 +130,8 @@ def build_storymega(network: Mapping[str, Any], story: Mapping[str, Any],
 
 
 def _taming_encoder(network: Mapping[str, Any]) -> VQGAN:
-    """The taming f16/16384 VQGAN from `last.ckpt` (`state_dict`; the GAN loss's `loss.*` keys are not model)."""
+    """The taming f16/16384 VQGAN from `last.ckpt` (`state_dict`; `VQGAN.load_checkpoint_state` leaves out the GAN
+    loss's `loss.*` keys)."""
     path = Path(str(network.get("vqgan_encoder")))
     what = "taming VQGAN checkpoint for the source frame (model.network.vqgan_encoder)"
     state = load_file(path, what, how_to_get=VQGAN_HINT)
@@ -121,5 +139,5 @@ def _taming_encoder(network: Mapping[str, Any]) -> VQGAN:
     if not isinstance(state, Mapping):
         raise UnreadableFileError(f"{what} {path} holds a {type(state).__name__}, not a state dict; {VQGAN_HINT}")
     vqgan = VQGAN(VQGANConfig.from_dict(dict(network.get("vqgan_config") or {}), "model.network.vqgan_config"))
-    vqgan.load_checkpoint_state({k: v for k, v in state.items() if not k.startswith("loss.")}, f"{what} {path}")
+    vqgan.load_checkpoint_state(state, f"{what} {path}")
     return vqgan

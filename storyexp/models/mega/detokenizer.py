@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from storyexp.models.vqgan.config import VQGANHParams
 from storyexp.models.vqgan.layers import Decoder
+from storyexp.models.vqgan.precision import runs_in_fp32
 
 GN_EPS = 1e-5  # torch's GroupNorm default, which min-dalle's detokenizer uses
 GRID_SIDE = 16  # tokens per side in min-dalle; only names the attention levels (the network is convolutional)
@@ -62,8 +63,10 @@ class VQGanDetokenizer(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.hparams.z_channels, 1)
         self.decoder = Decoder(**vars(config.hparams), eps=GN_EPS)
 
+    @runs_in_fp32
     def decode_grid_tokens(self, tokens: Tensor) -> Tensor:
-        """Token grids [B, h, w] -> pixels [B, out_ch, h*f, w*f] in [0, 1] (clip, no rescaling)."""
+        """Token grids [B, h, w] -> pixels [B, out_ch, h*f, w*f] in [0, 1] (clip, no rescaling); fp32 with autocast
+        off, as min-dalle decodes (every decode below goes through here; `storyexp.models.vqgan.precision`)."""
         z = self.embedding(tokens).permute(0, 3, 1, 2).contiguous()
         return self.decoder(self.post_quant_conv(z)).clip(0.0, 1.0)
 

@@ -11,6 +11,13 @@ The files are flat float16 state dicts whose tensors may be non-contiguous, over
 transposed views and slices; see the parity README); they are cast and copied into the module's own parameters,
 so nothing depends on their strides. Keys are checked both ways before anything is copied
 (`storyexp.utils.loading.check_state_dict`); the files are read with `storyexp.utils.loading.load_file`.
+
+The encoder / decoder files were converted from dalle-mini's flax parameters, and dalle-mini builds several
+LayerNorms without a scale (`force_ln_scale=False`; in min-dalle's flax port `nn.LayerNorm(use_scale=False)` for
+`pre_self_attn_layer_norm`, `pre_encoder_attn_layer_norm`, `glu.ln0`, `glu.ln1` and `final_ln`), so those `.weight`
+keys can be absent. min-dalle builds every one as a torch `nn.LayerNorm` (scale initialised to 1) and loads with
+`strict=False`; here an absent LayerNorm scale is set to ones, the same numbers, and every other missing key is
+still an error (one line naming them), which `strict=False` would hide.
 """
 
 from __future__ import annotations
@@ -87,15 +94,27 @@ def load_checked(
 ) -> None:
     """Copy `state` into `module` (cast to the module's dtype), after checking every key both ways.
 
-    Missing keys for which `may_be_missing(key)` holds keep the module's initial values (StoryDALL-E's condition
-    layers, absent from the released files); any other missing key, any unexpected key and any shape mismatch
-    raises one CheckpointMismatchError counting them (`check_state_dict`).
+    An absent LayerNorm scale (`<layer norm>.weight`, left out by the flax conversion) is set to ones, as min-dalle
+    loads it (module docstring). Missing keys for which `may_be_missing(key)` holds keep the module's initial values
+    (StoryDALL-E's condition layers, absent from the released files); any other missing key, any unexpected key and
+    any shape mismatch raises one CheckpointMismatchError counting them (`check_state_dict`).
     """
     own = module.state_dict()
-    check_state_dict(own, state, f"min-dalle file {source} ({type(module).__name__})", ignore_missing=may_be_missing,
-                     hint="use min-dalle's converted files, unchanged, or build the model with the options the "
-                          "file was written with (condition_layers)")
+    scales = layer_norm_scales(module)
+    excused = check_state_dict(own, state, f"min-dalle file {source} ({type(module).__name__})",
+                               ignore_missing=lambda key: key in scales or may_be_missing(key),
+                               hint="use min-dalle's converted files, unchanged, or build the model with the options "
+                                    "the file was written with (condition_layers)")
     with torch.no_grad():
         for key, target in own.items():
             if key in state:
                 target.copy_(state[key].to(dtype=target.dtype))
+        for key in excused:
+            if key in scales and not may_be_missing(key):  # condition layers keep their own initial values
+                own[key].fill_(1.0)
+
+
+def layer_norm_scales(module: nn.Module) -> set[str]:
+    """State-dict keys of the scales (`weight`) of `module`'s affine `nn.LayerNorm`s."""
+    return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
+            if isinstance(sub, nn.LayerNorm) and sub.weight is not None}

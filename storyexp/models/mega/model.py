@@ -70,7 +70,8 @@ class MegaDalle(nn.Module):
     def from_pretrained(cls, folder: str | Path, attention_heads: int | None = None, dtype: torch.dtype = torch.float32,
                         condition_layers: bool = False, gate_init: str = "zero") -> "MegaDalle":  # fmt: skip
         """Build from min-dalle's files (flat in `folder`, or min-dalle's `models_root` layout; see `loading.py`),
-        load every tensor into `dtype` modules and return the model in eval mode.
+        load the encoder and decoder into `dtype` modules (the files are fp16; fp32 by default) and the detokenizer
+        into fp32 ones (stage 1 always runs in fp32), and return the model in eval mode.
 
         Raises MissingResourceError when files are missing, UnsafeFileError / UnreadableFileError for a file that
         is not a flat dict of tensors, CheckpointMismatchError (one line) counting missing / unexpected keys and
@@ -91,12 +92,19 @@ class MegaDalle(nn.Module):
                 f"min-dalle detokenizer {files['detokenizer']} lacks the VQGAN decoder layout needed to read its sizes "
                 f"({type(err).__name__}: {err}); pass min-dalle's vqgan/detoker.pt."
             ) from None
-        model = cls(config, tokenizer, detoker_config,
-                    condition_layers=condition_layers, gate_init=gate_init).to(dtype)  # fmt: skip
+        model = cls(config, tokenizer, detoker_config, condition_layers=condition_layers, gate_init=gate_init)
+        model.transformer_to(dtype)  # `load_checked` then copies each tensor into its module's dtype
         load_checked(model.encoder, encoder_sd, files["encoder"])
         load_checked(model.decoder, decoder_sd, files["decoder"], may_be_missing=is_condition_key)
         load_checked(model.detokenizer, detoker_sd, files["detokenizer"])
         return model.eval()
+
+    def transformer_to(self, dtype: torch.dtype) -> "MegaDalle":
+        """Cast the encoder and decoder (the transformer) to `dtype`; the detokenizer stays fp32 (stage 1 always
+        runs in fp32, as in the original, see `storyexp.models.vqgan.precision`)."""
+        self.encoder.to(dtype)
+        self.decoder.to(dtype)
+        return self
 
     # ------------------------------------------------------------------ text
     @property

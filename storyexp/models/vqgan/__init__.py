@@ -4,6 +4,7 @@ from .build import build_stage1
 from .config import VQGANConfig, VQGANHParams
 from .layers import AttnBlock, Decoder, Encoder, ResnetBlock
 from .model import VQGAN
+from .precision import runs_in_fp32
 from .quantize import VectorQuantizer
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "VQGANHParams",
     "VectorQuantizer",
     "build_stage1",
+    "runs_in_fp32",
 ]

@@ -19,7 +19,11 @@ from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_f
 
 from .config import VQGANConfig
 from .layers import Decoder, Encoder
+from .precision import runs_in_fp32
 from .quantize import VectorQuantizer
+
+
+TAMING_LOSS_PREFIX = "loss."  # taming's VQModel keeps its VQLPIPSWithDiscriminator as `self.loss`
 
 
 class VQGAN(nn.Module):
@@ -52,14 +56,18 @@ class VQGAN(nn.Module):
         """Quantised latents [B, embed_dim, h, w] -> raw decoder output [B, out_ch, R, R] (not clamped)."""
         return self.decoder(self.post_quant_conv(quant))
 
+    @runs_in_fp32
     def get_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> LongTensor [B, latent_dim**2] of nearest-codebook indices in raster (row-major) order."""
+        """Images -> LongTensor [B, latent_dim**2] of nearest-codebook indices in raster (row-major) order.
+        Always fp32, autocast off (the originals force it; `precision.py`)."""
         codes = self.quantize.codes(self._pre_quant(x))
         return codes.reshape(x.shape[0], self.latent_dim**2)
 
+    @runs_in_fp32
     def decode_code(self, code: torch.Tensor) -> torch.Tensor:
-        """Code grid [B, h, w] (int) -> raw decoder output [B, out_ch, R, R]. Not clamped; the samplers map
-        pixels with clamp(x * 0.5 + 0.5, 0, 1) themselves."""
+        """Code grid [B, h, w] (int) -> raw decoder output [B, out_ch, R, R], fp32 with autocast off (the originals
+        decode in fp32; `precision.py`). Not clamped; the samplers map pixels with clamp(x * 0.5 + 0.5, 0, 1)
+        themselves."""
         if code.dim() != 3:
             raise ValueError(f"decode_code expects a code grid [B, h, w]; got shape {tuple(code.shape)}")
         return self.decode(self.quantize.lookup(code.long()))
@@ -72,12 +80,15 @@ class VQGAN(nn.Module):
     def load_checkpoint_state(self, state: Mapping[str, torch.Tensor], what: str = "VQGAN checkpoint") -> None:
         """Strictly load a VQGAN state dict with the original key names (or a ``{'state_dict': ...}`` wrapper).
 
+        taming-transformers' own training checkpoints (``last.ckpt``) also hold the GAN loss (``loss.*``: LPIPS and
+        discriminator), which is not part of the VQGAN; those keys are left out, every other key is checked.
         Raises :class:`storyexp.utils.loading.CheckpointMismatchError` (one line; ``what`` names the file) counting
         the missing / unexpected keys and shape mismatches, rather than torch's first-error behaviour, so a wrong
         checkpoint is diagnosed in one go.
         """
         if "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
+        state = {k: v for k, v in state.items() if not (isinstance(k, str) and k.startswith(TAMING_LOSS_PREFIX))}
         check_state_dict(self.state_dict(), state, what,
                          hint="use the VQGAN checkpoint that belongs to the configured stage-1 sizes (or the "
                               "sizes that belong to the checkpoint)")
