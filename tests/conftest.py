@@ -107,6 +107,18 @@ def shared_data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def demo_train_batch(tmp_path_factory, shared_data_dir) -> dict:
+    """The first training batch of the tiny demo set (TINY_DEMO: 4 stories), for tests that run a model on one."""
+    import hydra
+
+    cfg = compose_cfg(TINY_DEMO, tmp_path_factory.mktemp("batch"), data_dir=shared_data_dir)
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _single_torch_thread():
     """Tiny models run faster on one thread than on two that stall each other on a shared machine."""

@@ -247,7 +247,7 @@ def test_a_bad_trainer_value_is_one_line_before_anything_is_built(tmp_path):
     ("seed=abc", "seed"),
     ("model.sampler.scheduler=ddimm", "model.sampler.scheduler"),
     ("model.sampler.num_candidates=0", "model.sampler.num_candidates"),
-    ("+model.train.mode=prompt", "model.train.mode"),
+    ("model.train.mode=prompt", "model.train.mode"),
     ("data.task=story", "model.task"),
 ])
 def test_bad_values_name_key_and_value(tmp_path, override, key):

@@ -52,6 +52,7 @@ def test_reference_cache_key_changes_when_it_must(tmp_path, shared_data_dir):
         "split": path(_datamodule(tmp_path / "c", shared_data_dir, stage="validate"), split="val"),
         "task": path(_datamodule(tmp_path / "d", shared_data_dir, "data.task=visualization")),
         "frame_size": path(_datamodule(tmp_path / "e", shared_data_dir, "data.frame_size=16")),
+        "frame_fit": path(_datamodule(tmp_path / "h", shared_data_dir, "+data.frame_fit=center_crop")),
         "frame_choice": path(_datamodule(tmp_path / "f", shared_data_dir, "+data.frame_choice={train: random, "
                                                                           "eval: middle}")),
         "data": path(_datamodule(tmp_path / "g", shared_data_dir, "data.demo.seed=1")),
@@ -119,7 +120,7 @@ def test_missing_fid_weights_skip_fid_with_the_message_or_fail_when_required(tmp
 
 
 def _cheap_frechet(mu1, sigma1, mu2, sigma2):
-    """Stands in for pytorch-fid's distance (its 2048x2048 sqrtm takes ~20 s here); these tests are about which
+    """Stands in for the Fréchet distance (two 2048x2048 eigendecompositions, ~2 s here); these tests are about which
     statistics are used, the distance itself is tested against pytorch-fid in test_fid.py."""
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) - np.trace(sigma2))
 
@@ -132,7 +133,7 @@ def _stories(dm):
 
 def test_whole_split_reference_is_written_once_reused_and_partial_runs_leave_it(tmp_path, shared_data_dir,
                                                                                  fid_weights, monkeypatch):
-    monkeypatch.setattr(fidmod, "calculate_frechet_distance", _cheap_frechet)
+    monkeypatch.setattr(fidmod, "frechet_distance", _cheap_frechet)
     dm = _datamodule(tmp_path, shared_data_dir, "data.demo.n_test=4")  # 16 target frames: Inception at 299 is slow
     _, real = _stories(dm)
     fake = real[:, ::-1].copy()  # the frames upside down stand in for generated ones

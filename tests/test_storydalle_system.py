@@ -122,7 +122,7 @@ def test_over_long_caption_is_truncated_with_a_warning(tiny):
 
 def test_bad_options_are_refused(tmp_path):
     with pytest.raises(Exception, match="train.mode"):
-        build(tmp_path, "model.train.mode=lora")
+        build(tmp_path, "model.train.mode=qlora")
     with pytest.raises(Exception, match="sentence_encoder.kind"):
         build(tmp_path, "model.sentence_encoder.kind=use")
     with pytest.raises(Exception, match="autocast"):

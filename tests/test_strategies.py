@@ -54,12 +54,8 @@ def build(tmp_path: Path, model: str, *overrides: str, data_dir: Path | None = N
 
 
 @pytest.fixture(scope="module")
-def demo_batch(tmp_path_factory, shared_data_dir):
-    cfg = compose_cfg(TINY_DEMO, tmp_path_factory.mktemp("batch"), data_dir=shared_data_dir)
-    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-    dm.prepare_data()
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+def demo_batch(demo_train_batch):
+    return demo_train_batch
 
 
 def loss_and_grads(model, batch):

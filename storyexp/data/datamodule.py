@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from storyexp.errors import ConfigurationError, MissingResourceError
 
-from .frames import FRAME_RULES
+from .frames import FRAME_FITS, FRAME_RULES, fit_frame
 from .hdf5 import HDF5Stories
 from .registry import DatasetSpec, get_dataset
 from .sources import open_split
@@ -189,10 +188,14 @@ class StoryItems(Dataset):
     """
 
     def __init__(
-        self, stories: Sequence[Story], frame_size: int | None = None, sentence_embeddings: bool = False
+        self, stories: Sequence[Story], frame_size: int | None = None, sentence_embeddings: bool = False,
+        frame_fit: str = "squash",
     ) -> None:
         self.stories = stories
         self.frame_size = None if frame_size is None else int(frame_size)
+        if frame_fit not in FRAME_FITS:
+            raise ConfigurationError(f"data.frame_fit={frame_fit!r} is not valid: it must be one of {FRAME_FITS}")
+        self.frame_fit = frame_fit
         self.sentence_embeddings = bool(sentence_embeddings)
         if self.sentence_embeddings and not has_sentence_embeddings(stories):
             raise ConfigurationError(
@@ -207,11 +210,7 @@ class StoryItems(Dataset):
         story = self.stories[index]
         frames = story.frames
         if self.frame_size is not None:
-            fs = self.frame_size
-            frames = [
-                f if f.shape[:2] == (fs, fs) else cv2.resize(f, (fs, fs), interpolation=cv2.INTER_AREA)
-                for f in frames
-            ]
+            frames = [fit_frame(f, self.frame_size, self.frame_fit) for f in frames]
         item = {
             "frames": frames,
             "captions": list(story.captions),
@@ -311,6 +310,9 @@ class StoryDataModule(L.LightningDataModule):
         demo: generation parameters of a generated dataset (demo: ``{seed, n_train, n_val, n_test, resolution}``).
         frame_size: resize every frame to ``frame_size x frame_size`` (cv2 ``INTER_AREA``); ``None`` keeps
             stored sizes (a batch with frames of different sizes is then an error).
+        frame_fit: how a non-square frame reaches ``frame_size``: ``squash`` (both sides resized, the default) or
+            ``center_crop`` (shorter side resized, central square kept: the SSID/VIST readers' Resize + CenterCrop,
+            :mod:`storyexp.data.frames`).
         text_key: caption dataset name; ``None`` auto-detects.
         train_split, val_split: group names of the training and validation splits.
         pin_memory: passed to the DataLoaders.
@@ -336,6 +338,7 @@ class StoryDataModule(L.LightningDataModule):
         missing_hint: str | None = None,
         demo: Mapping[str, Any] | None = None,
         frame_size: int | None = None,
+        frame_fit: str = "squash",
         text_key: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
@@ -380,6 +383,9 @@ class StoryDataModule(L.LightningDataModule):
         self.val_split = val_split
         self.missing_hint = missing_hint
         self.frame_size = None if frame_size is None else int(frame_size)
+        if frame_fit not in FRAME_FITS:
+            raise ConfigurationError(f"data.frame_fit={frame_fit!r} is not valid: it must be one of {FRAME_FITS}")
+        self.frame_fit = frame_fit
         self.text_key = text_key
         self.pin_memory = bool(pin_memory)
         self.sentence_embeddings = bool(sentence_embeddings)
@@ -402,6 +408,7 @@ class StoryDataModule(L.LightningDataModule):
                 "characters": self.characters,
                 "batch_size": self.batch_size,
                 "frame_size": self.frame_size,
+                "frame_fit": self.frame_fit,
                 "demo": self.demo,
                 "sentence_embeddings": self.sentence_embeddings,
             }
@@ -485,7 +492,8 @@ class StoryDataModule(L.LightningDataModule):
         limit = self._limit_for(split)
         if limit is not None:
             stories = _Head(stories, limit)
-        return StoryItems(stories, frame_size=self.frame_size, sentence_embeddings=self.sentence_embeddings)
+        return StoryItems(stories, frame_size=self.frame_size, frame_fit=self.frame_fit,
+                          sentence_embeddings=self.sentence_embeddings)
 
     def _check_sentence_embeddings(self, stories: Sequence[Story], split: str) -> None:
         """Fail in ``setup``, before any batch: the source must ship embeddings, readable and of one size.
@@ -589,7 +597,7 @@ class StoryDataModule(L.LightningDataModule):
         during training, sharded without padding under DDP."""
         dataset = self._dataset(split)
         if n is not None and int(n) < len(dataset):
-            dataset = StoryItems(_Head(dataset.stories, int(n)), frame_size=self.frame_size,
+            dataset = StoryItems(_Head(dataset.stories, int(n)), frame_size=self.frame_size, frame_fit=self.frame_fit,
                                  sentence_embeddings=dataset.sentence_embeddings)
         return self._eval_loader(split, dataset)
 
@@ -626,7 +634,8 @@ class StoryDataModule(L.LightningDataModule):
         """Make `predict_dataloader` serve these stories (task=sample: the user's captions, or the first stories
         of a split), with this data module's batch size, workers and DDP sharding."""
         embeds = self.sentence_embeddings and has_sentence_embeddings(stories)
-        self.datasets[PREDICT] = StoryItems(stories, frame_size=self.frame_size, sentence_embeddings=embeds)
+        self.datasets[PREDICT] = StoryItems(stories, frame_size=self.frame_size, frame_fit=self.frame_fit,
+                                             sentence_embeddings=embeds)
 
     def first_stories(self, split: str, n: int | None) -> Sequence[Story]:
         """The first `n` stories of a split (all with None), sentence embeddings kept."""

@@ -5,9 +5,14 @@
   (``resize_input=True``) and its pool3 features (2048-d) are taken;
 * ``fid`` (protocol ``native``) -- the same without the 64x64 pre-resize.
 
-Nothing of FID is reimplemented here: the network is ``pytorch_fid.inception.InceptionV3([3], resize_input=True,
-normalize_input=True, use_fid_inception=True)`` and the distance is ``pytorch_fid.fid_score.
-calculate_frechet_distance``. What this module adds: the weights look-up without downloads, float64 streaming
+The network is ``pytorch_fid.inception.InceptionV3([3], resize_input=True, normalize_input=True,
+use_fid_inception=True)``. The distance is pytorch-fid's formula, ``||mu1 - mu2||^2 + tr(S1) + tr(S2) -
+2 tr((S1 S2)^1/2)``, with the trace of the matrix square root taken from symmetric eigendecompositions
+(``tr((S1^1/2 S2 S1^1/2)^1/2)``, the same number, as torchmetrics also avoids ``sqrtm``) instead of
+``scipy.linalg.sqrtm``: about 2 s instead of 12-17 s for 2048-d statistics on 2 CPU cores (FID runs at every
+validation), equal to ``pytorch_fid.fid_score.calculate_frechet_distance`` within 1e-7 relative even for the
+singular covariances of a few frames (5e-15 with full-rank ones; ``tests/test_fid.py`` compares the two). What this
+module adds: the weights look-up without downloads, float64 streaming
 statistics (running sums of x and x x^T, summed across DDP processes), :class:`StoryFID` (a
 :class:`~storyexp.metrics.base.StoryMetric`), and the folder command::
 
@@ -33,7 +38,6 @@ import numpy as np
 import torch
 from PIL import Image
 from pytorch_fid import inception as _pfid_inception
-from pytorch_fid.fid_score import calculate_frechet_distance
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torch import Tensor
 from torchmetrics import Metric
@@ -174,8 +178,22 @@ def _moments_to_stats(total: Tensor, outer: Tensor, n: int) -> tuple[np.ndarray,
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """pytorch-fid's ``calculate_frechet_distance`` (its ``eps`` handling included), as a Python float."""
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    """The Fréchet distance of two Gaussians (pytorch-fid's value; see the module docstring), in float64.
+
+    S1^1/2 from S1's eigendecomposition (eigenvalues clipped at 0: covariances are PSD, rounding makes a few
+    slightly negative), then tr((S1^1/2 S2 S1^1/2)^1/2) = the sum of the square roots of that symmetric PSD
+    matrix's eigenvalues, which are those of S1 S2. No ``eps`` offset is needed (pytorch-fid adds one only when
+    ``sqrtm`` of a singular product fails)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"FID statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_sqrt = np.sqrt(np.clip(middle, 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 # ------------------------------------------------------------------------------------------------ metric

@@ -69,6 +69,7 @@ def reference_record(datamodule: Any, split: str, protocol: str, weights: str | 
         "task": str(getattr(datamodule, "task", "visualization")),
         "frame_choice": str((getattr(datamodule, "frame_choice", None) or {}).get("eval", "fixed")),
         "frame_size": getattr(datamodule, "frame_size", None),
+        "frame_fit": str(getattr(datamodule, "frame_fit", "squash")),  # squash or centre crop to frame_size
         "protocol": fid_protocol(protocol),
         "weights_sha256": weights_sha256(weights),
     }

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from storyexp.errors import ConfigurationError
-from storyexp.models.arldm.blip import blip_preprocess
+from storyexp.models.arldm.blip import BLIP_FITS, blip_preprocess
 from storyexp.models.arldm.build import build_arldm
 from storyexp.systems.base import StorySystem, per_row
 from storyexp.systems.samplers import make_scheduler
@@ -31,23 +31,35 @@ class ARLDMSystem(StorySystem):
         max_length: caption length S in tokens for CLIP and BLIP (CLIP positions are extended to S).
         image_size: training/sampling resolution (square).
         network: how to build the networks (`source: pretrained` folders, or `source: sizes`).
-        train: cfg_dropout (per-frame classifier-free dropout) and the freeze switches.
+        train: cfg_dropout (per-frame classifier-free dropout), the freeze switches, `mode` finetune | lora (peft
+            adapters on the UNet's attention, options under `lora`: r, alpha, dropout, target_modules).
         optimizer: AdamW settings. lr_schedule: warm-up (steps or epochs), then cosine to 0.
         sampler: scheduler name, steps, guidance scale, eta; used by validation grids, test and sample.
         recipe: run length and clipping read by the trainer config (kept here for the record).
+        blip_fit: how dataset frames reach BLIP's square input: squash (Pororo/Flintstones) or center_crop
+            (the SSID/VIST readers' Resize + CenterCrop).
     """
 
     optimizer_defaults = {"lr": 1e-5, "weight_decay": 1e-4, "betas": (0.9, 0.999)}
     frozen_hint = "check model.train.freeze_*"
+    modes = ("finetune", "lora")
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' attention projections (self and cross)
 
     @classmethod
     def check_config(cls, model: dict[str, Any]) -> None:
         super().check_config(model)
+        train = model.get("train") or {}
+        if train.get("mode") == "lora" and train.get("freeze_resnet"):
+            raise ConfigurationError("model.train.freeze_resnet=true does not combine with model.train.mode=lora "
+                                     "(lora already freezes the UNet but its adapters): drop one of them.")
         sampler = model.get("sampler") or {}
         try:  # a misspelt scheduler would otherwise surface at the first validation grid
             make_scheduler(str(sampler.get("scheduler")), {})
         except ConfigurationError as err:
             raise ConfigurationError(f"model.sampler.scheduler={sampler.get('scheduler')!r}: {err}") from None
+        fit = model.get("blip_fit", "squash")
+        if fit not in BLIP_FITS:
+            raise ConfigurationError(f"model.blip_fit={fit!r} is not valid: it must be one of {BLIP_FITS}.")
 
     def __init__(
         self,
@@ -62,12 +74,14 @@ class ARLDMSystem(StorySystem):
         sampler: dict[str, Any],
         recipe: dict[str, Any] | None = None,
         seed: int = 0,
+        blip_fit: str = "squash",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.check_config(dict(self.hparams))
         self.init_layout(task, image_size)
         self.max_length = int(max_length)
+        self.blip_fit = blip_fit  # how dataset frames reach BLIP's square input (models/arldm/blip.py BLIP_FITS)
         built = build_arldm(network, characters=list(characters), max_length=self.max_length)
         self.net = built.model
         self.clip_tokenizer = built.clip_tokenizer
@@ -76,6 +90,8 @@ class ARLDMSystem(StorySystem):
             raise ConfigurationError(f"the AR-LDM network has {self.net.time_embeddings.num_embeddings} frame-time "
                                      f"embeddings; stories have {self.num_frames} frames.")
         self.apply_freeze(**{k: bool(train.get(k, False)) for k in ("freeze_clip", "freeze_blip", "freeze_resnet")})
+        if train.get("mode") == "lora":
+            self.apply_lora()
 
     # ------------------------------------------------------------------------------------------- freezing
 
@@ -93,6 +109,19 @@ class ARLDMSystem(StorySystem):
             for name, param in net.unet.named_parameters():
                 param.requires_grad_("attentions" in name)
         self._frozen_eval = {"text_encoder": freeze_clip, "mm_encoder": freeze_blip}
+
+    def apply_lora(self) -> None:
+        """train.mode=lora: adapters on the UNet's attention projections, the rest of the UNet, CLIP, BLIP and the
+        VAE frozen (the encoders in eval mode). What has no pretrained weights trains fully: the modal-type and
+        frame-time embeddings, CLIP's token and position tables (the new character rows; the positions past 77)
+        and BLIP's word embeddings (the new character rows)."""
+        net = self.net
+        net.requires_grad_(False)
+        self.add_lora(net.unet, self.lora_targets, "the AR-LDM UNet")
+        for part in (net.modal_type_embeddings, net.time_embeddings, net.text_encoder.embeddings,
+                     net.mm_encoder.text.embeddings.word_embeddings):
+            part.requires_grad_(True)
+        self._frozen_eval = {"text_encoder": True, "mm_encoder": True}
 
     def on_train_epoch_start(self) -> None:
         # frozen encoders run in eval mode (no dropout), as AR-LDM does in every forward
@@ -152,7 +181,7 @@ class ARLDMSystem(StorySystem):
         images = images.reshape(B, self.num_targets, 3, self.image_size, self.image_size)
 
         source_images = blip_preprocess(frames, self.net.mm_encoder.image_size, device=self.device,
-                                        dtype=self.dtype_for_inputs)
+                                        dtype=self.dtype_for_inputs, fit=self.blip_fit)
         flat = [c for story in captions for c in story]
         target_caps = [c for story in captions for c in story[first_target:]]
         clip_ids, clip_mask = self._tokenize_with(self.clip_tokenizer, target_caps)

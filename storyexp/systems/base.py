@@ -19,7 +19,10 @@ The shared lifecycle lives here once:
   Dropout layers inside the networks still draw from torch's global RNG (their masks are per element);
 - the eval-mode toggle while sampling, the caption-truncation warning, the predict output, the steps and their
   metrics (validation/test losses are story-weighted means kept in torchmetrics states, exact across processes),
-  the strict state-dict check on load, AdamW + warm-up/decay.
+  the strict state-dict check on load, AdamW + warm-up/decay;
+- `train.mode=lora` (`storyexp.systems.lora`): a subclass's `apply_mode` calls `add_lora`; checkpoints then hold only
+  `saved_state_keys()` (what trains, plus `lora_saved_frozen()`), checked strictly on load, the base rebuilt from the
+  config; sampling outside fitting merges the adapters (see the lora module for why not during fitting).
 
 A subclass builds its networks in `__init__` (after `init_layout`) and implements `losses(batch, generators)`,
 `sample_stories(batch, captions, num_candidates, settings, generators)` and `tokenize(captions)`.
@@ -39,7 +42,8 @@ from torchmetrics import MeanMetric
 
 from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError
-from storyexp.systems.schedules import configure_adamw
+from storyexp.systems import lora as lora_utils
+from storyexp.systems.schedules import IMPLS, configure_adamw
 from storyexp.utils.loading import check_state_dict
 
 TASKS = ("continuation", "visualization")
@@ -76,6 +80,11 @@ class StorySystem(L.LightningModule):
         if mode not in cls.modes:
             raise ConfigurationError(f"model.train.mode={mode!r} is not valid for {cls.__name__}: it must be one "
                                      f"of {cls.modes}.")
+        if mode == "lora":
+            lora_utils.check_lora_config((model.get("train") or {}).get("lora"))
+        impl = (model.get("optimizer") or {}).get("impl", "adamw")
+        if impl not in IMPLS:
+            raise ConfigurationError(f"model.optimizer.impl={impl!r} is not valid: it must be one of {IMPLS}.")
         k = (model.get("sampler") or {}).get("num_candidates", 1)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigurationError(f"model.sampler.num_candidates={k!r} is not valid: it must be an integer >= 1.")
@@ -89,6 +98,9 @@ class StorySystem(L.LightningModule):
         self.num_targets = N_FRAMES - 1 if task == "continuation" else N_FRAMES
         self._warned_long = 0
         self._eval_means = torch.nn.ModuleDict()
+        self._lora = False  # set by `add_lora` (train.mode=lora)
+        self._lora_merged = False
+        self.lora_merge_for_sampling = True  # False: sample with unmerged adapters (tests compare both)
 
     @property
     def first_target(self) -> int:
@@ -96,6 +108,36 @@ class StorySystem(L.LightningModule):
 
     def trainable_parameter_names(self) -> list[str]:
         return [name for name, param in self.named_parameters() if param.requires_grad]
+
+    # ------------------------------------------------------------------------------------------- LoRA
+
+    def add_lora(self, module: torch.nn.Module, default_targets: list[str], where: str,
+                 exclude: str | None = None) -> None:
+        """train.mode=lora: peft adapters on `module`'s `train.lora.target_modules` linears (everything in
+        `module` frozen but them). The caller then re-enables the parts that train fully."""
+        lora_utils.inject_lora(module, (self.hparams.get("train") or {}).get("lora"), default_targets, where, exclude)
+        self._lora = True  # from here on checkpoints hold `saved_state_keys()` only (see `load_state_dict`)
+
+    def lora_saved_frozen(self) -> tuple[str, ...]:
+        """State-dict key prefixes a lora checkpoint keeps although they do not train: frozen parts the config
+        cannot rebuild (e.g. a stage-1 VQGAN fitted on the training data)."""
+        return ()
+
+    def saved_state_keys(self) -> set[str] | None:
+        """The state-dict keys a checkpoint holds: every key (None), or in train.mode=lora the trainable
+        parameters and `lora_saved_frozen()`. Matched through the parameters themselves, so wrappers that rename
+        parameters but not state-dict keys (activation checkpointing) do not matter."""
+        if not self._lora:
+            return None
+        keep = self.lora_saved_frozen()
+        return {key for key, value in self.state_dict(keep_vars=True).items()
+                if (isinstance(value, torch.nn.Parameter) and value.requires_grad) or (keep and key.startswith(keep))}
+
+    def set_lora_merged(self, merged: bool) -> None:
+        """Fold the adapters into the base weights, or take them out (no-op without LoRA or when already so)."""
+        if self._lora and self._lora_merged != merged:
+            lora_utils.set_merged(self, merged)
+            self._lora_merged = merged
 
     # ------------------------------------------------------------------------------------ subclass hooks
 
@@ -143,6 +185,7 @@ class StorySystem(L.LightningModule):
     # -------------------------------------------------------------------------------------------- steps
 
     def training_step(self, batch, batch_idx):
+        self.set_lora_merged(False)  # a merged peft layer skips its adapter: no gradient would reach it
         out = self.losses(batch, self.training_generators(batch))
         for key, value in out.items():
             self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=len(batch["ids"]))
@@ -202,6 +245,9 @@ class StorySystem(L.LightningModule):
         """Eval mode while sampling (no dropout), the previous mode restored afterwards."""
         was_training = self.training
         self.eval()
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if self.lora_merge_for_sampling and not fitting:  # merged once, kept merged (storyexp.systems.lora)
+            self.set_lora_merged(True)
         try:
             yield
         finally:
@@ -217,13 +263,35 @@ class StorySystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.checkpoint_extras())
+        keys = self.saved_state_keys()
+        if keys is not None and "state_dict" in checkpoint:  # lora: the adapters (and what trains with them) only
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """In train.mode=lora the base weights a checkpoint lacks are the config's, not missing: they are left out
+        of the reported missing keys (Lightning's `load_from_checkpoint` would warn about every one of them)."""
+        keys = self.saved_state_keys()
+        if keys is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k in keys]
+        if strict and (missing or result.unexpected_keys):
+            check_state_dict({k: v for k, v in self.state_dict().items() if k in keys}, state_dict, "State dict")
+        return type(result)(missing, result.unexpected_keys)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.load_checkpoint_extras(checkpoint)
         if "state_dict" not in checkpoint:  # FSDP / DeepSpeed load their shards themselves, strictly
             return
+        target, hint = self.state_dict(), ""
+        keys = self.saved_state_keys()
+        if keys is not None:
+            self.set_lora_merged(False)  # the loaded adapters must not land on top of merged earlier ones
+            target = {k: v for k, v in target.items() if k in keys}
+            hint = ("a model.train.mode=lora checkpoint holds only the adapters and the parts that train with them: "
+                    "load it with the train.mode, train.lora options and model sizes it was trained with")
         # one line naming the problems, before Lightning's strict load would raise a long RuntimeError
-        check_state_dict(self.state_dict(), checkpoint.get("state_dict", {}), "Checkpoint (ckpt_path)")
+        check_state_dict(target, checkpoint.get("state_dict", {}), "Checkpoint (ckpt_path)", hint=hint)
 
     # ------------------------------------------------------------------------------------ scaling
 

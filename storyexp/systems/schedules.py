@@ -50,22 +50,58 @@ def warmup_then(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps
     raise ValueError(f"lr_schedule.decay must be one of {DECAYS}, got {decay!r}")
 
 
+IMPLS = ("adamw", "fused", "adamw8bit")
+
+
+def quiet_bitsandbytes_import() -> None:
+    """bitsandbytes (imported by peft too, when installed) logs a warning on CPU machines about an optional 4-bit
+    matmul kernel from the `kernels` package; storyexp uses only its 8-bit optimizer, so the warning is noise."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def make_adamw(params, opt_cfg: dict, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as `optimizer.impl` says: `adamw` torch's (foreach) AdamW; `fused` torch's single-kernel AdamW (torch
+    2.14 has it for CUDA and CPU tensors; the same update up to rounding); `adamw8bit` bitsandbytes' AdamW8bit
+    (optimizer states quantised to 8 bits blockwise; states of tensors under 4096 elements stay 32-bit)."""
+    from storyexp.errors import ConfigurationError
+
+    impl = str(opt_cfg.get("impl", "adamw"))
+    kwargs = {"lr": float(opt_cfg["lr"]), "weight_decay": float(opt_cfg["weight_decay"]),
+              "betas": tuple(float(b) for b in opt_cfg["betas"]), "eps": float(opt_cfg.get("eps", 1e-8))}
+    if impl == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if impl == "fused":
+        if device.type not in ("cuda", "cpu", "xpu", "mps"):
+            raise ConfigurationError(f"model.optimizer.impl=fused: torch's fused AdamW does not run on {device.type}; "
+                                     "use model.optimizer.impl=adamw.")
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    if impl == "adamw8bit":
+        quiet_bitsandbytes_import()
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigurationError("model.optimizer.impl=adamw8bit needs the bitsandbytes package: "
+                                     "pip install bitsandbytes (pinned in requirements.txt).") from None
+        if device.type not in ("cuda", "cpu"):
+            raise ConfigurationError(f"model.optimizer.impl=adamw8bit: bitsandbytes has no {device.type} kernels; "
+                                     "use model.optimizer.impl=adamw.")
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ConfigurationError(f"model.optimizer.impl={impl!r} is not valid: it must be one of {IMPLS}.")
+
+
 def configure_adamw(module, optimizer: dict, lr_schedule: dict, *, defaults: dict, frozen_hint: str) -> dict:
-    """`configure_optimizers` shared by the systems: AdamW over the trainable parameters, then a per-step
-    warm-up + decay schedule sized from `trainer.estimated_stepping_batches` (DDP, accumulation, max_steps)."""
+    """`configure_optimizers` shared by the systems: AdamW (`optimizer.impl`) over the trainable parameters, then a
+    per-step warm-up + decay schedule sized from `trainer.estimated_stepping_batches` (DDP, accumulation,
+    max_steps)."""
     from storyexp.errors import ConfigurationError
 
     opt_cfg = {**defaults, **dict(optimizer)}
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigurationError(f"Every parameter is frozen: nothing to train ({frozen_hint}).")
-    adamw = torch.optim.AdamW(
-        params,
-        lr=float(opt_cfg["lr"]),
-        weight_decay=float(opt_cfg["weight_decay"]),
-        betas=tuple(float(b) for b in opt_cfg["betas"]),
-        eps=float(opt_cfg.get("eps", 1e-8)),
-    )
+    adamw = make_adamw(params, opt_cfg, params[0].device)
     trainer = module.trainer
     total = int(trainer.estimated_stepping_batches)
     max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1

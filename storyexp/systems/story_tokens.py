@@ -46,6 +46,11 @@ class StoryTokenSystem(StorySystem):
     def on_train_epoch_start(self) -> None:
         self.stage1.eval()
 
+    def lora_saved_frozen(self) -> tuple[str, ...]:
+        # a stage 1 fitted on the training split (`network.stage1_fit`) cannot be rebuilt from the config, so a lora
+        # checkpoint keeps it (eval / sample restore stage 1 from the checkpoint, `setup`)
+        return ("stage1.",) if self._stage1_fit() is not None else ()
+
     # ------------------------------------------------------------------------------------ stage 1 on demand
 
     def _stage1_fit(self) -> dict[str, Any] | None:

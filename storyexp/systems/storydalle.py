@@ -28,7 +28,7 @@ from storyexp.models.sentence_encoders import build_sentence_encoder
 from storyexp.systems.story_tokens import TOKENIZER_KEY, StoryTokenSystem
 from storyexp.utils.images import uint8_from_zero_one
 
-MODES = ("finetune", "prompt")
+MODES = ("finetune", "prompt", "lora")
 SENTENCE_SOURCES = ("dataset", "hashing", "transformers")
 __all__ = ["StoryDalleSystem", "TOKENIZER_KEY"]
 
@@ -47,7 +47,8 @@ class StoryDalleSystem(StoryTokenSystem):
         sentence_encoder: where the per-frame sentence embeddings come from: `kind: dataset` (the dataset's
             512-d USE vectors, `data.sentence_embeddings=true`), `hashing` or `transformers`, with `dim`.
         train: `mode` finetune (stage 2 + story parts) | prompt (stage 2 frozen but its embeddings and text head;
-            the original's `--prompt`), `mask_text_padding` (false: the original's loss over `[PAD]` targets).
+            the original's `--prompt`) | lora (peft adapters on the GPT's attention, options under `lora`: r, alpha,
+            dropout, target_modules), `mask_text_padding` (false: the original's loss over `[PAD]` targets).
         optimizer: AdamW settings. lr_schedule: warm-up (steps or epochs), then `decay` cosine | constant.
         sampler: top_k, top_p, temperature, num_candidates, chain (frame i attends to generated frame i-1),
             autocast (null | fp16 | bf16 for the transformer; stage 1 decodes in fp32).
@@ -55,6 +56,7 @@ class StoryDalleSystem(StoryTokenSystem):
     """
 
     modes = MODES
+    lora_targets = ["key", "query", "value", "proj"]  # minDALL-E's attention linears (`AttentionProjections`)
 
     @classmethod
     def check_config(cls, model: dict[str, Any]) -> None:
@@ -117,6 +119,13 @@ class StoryDalleSystem(StoryTokenSystem):
         if mode == "prompt":
             for name, param in self.net.stage2.named_parameters():
                 param.requires_grad_("emb" in name or name.startswith("head_txt"))
+        if mode == "lora":
+            # adapters on the GPT's self-attention only: the story block and cross-attention (outside stage 2, no
+            # pretrained weights) train fully, and so do the text embedding and text head (new character rows)
+            self.add_lora(self.net.stage2, self.lora_targets, "the minDALL-E transformer (stage 2)")
+            self.net.stage2.tok_emb_txt.requires_grad_(True)
+            if getattr(self.net.stage2, "head_txt", None) is not None:
+                self.net.stage2.head_txt.requires_grad_(True)
 
     def block_modules(self) -> list[torch.nn.Module]:
         """`StoryDalleNet._run_blocks` runs a backbone block piecewise (attention, then cross-attention, then MLP)

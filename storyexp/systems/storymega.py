@@ -23,7 +23,7 @@ from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_
 from storyexp.systems.story_tokens import StoryTokenSystem
 from storyexp.utils.images import uint8_from_zero_one
 
-MODES = ("finetune", "condition_only")
+MODES = ("finetune", "condition_only", "lora")
 
 
 class StoryMegaSystem(StoryTokenSystem):
@@ -40,7 +40,9 @@ class StoryMegaSystem(StoryTokenSystem):
             stays float32).
         story: `condition` (condition layers on), `gate_init` zero | none (the original's ungated layers).
         train: `mode` finetune (encoder + decoder, the original's) | condition_only (condition layers and the text
-            embedding); `text_dropout` (fraction of captions replaced by the empty one while training).
+            embedding) | lora (peft adapters on BART's attention, options under `lora`: r, alpha, dropout,
+            target_modules; the condition layers and the text embedding train fully); `text_dropout` (fraction of
+            captions replaced by the empty one while training).
         optimizer, lr_schedule: AdamW and warm-up + `decay` cosine | constant.
         sampler: top_k, temperature, supercondition_factor (1 = off, as the original), num_candidates, chain,
             autocast.
@@ -48,6 +50,7 @@ class StoryMegaSystem(StoryTokenSystem):
     """
 
     modes = MODES
+    lora_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]  # BART's attention (`MegaAttention`)
 
     @classmethod
     def check_config(cls, model: dict[str, Any]) -> None:
@@ -90,7 +93,12 @@ class StoryMegaSystem(StoryTokenSystem):
         self.model.requires_grad_(mode == "finetune")
         if self.model.detokenizer is not None:
             self.model.detokenizer.requires_grad_(False)
-        if mode == "condition_only":
+        if mode == "lora":
+            # adapters on the encoder's and decoder's self- and encoder attention; the condition attention has no
+            # pretrained weights, so it gets none and trains fully (below, with the text embedding)
+            self.add_lora(self.model.encoder, self.lora_targets, "the Mega BART encoder")
+            self.add_lora(self.model.decoder, self.lora_targets, "the Mega BART decoder", exclude=r".*condition_attn.*")
+        if mode in ("condition_only", "lora"):
             self.model.encoder.embed_tokens.requires_grad_(True)
             for name, param in self.model.decoder.named_parameters():
                 if "condition" in name:

@@ -24,7 +24,7 @@ from storyexp.callbacks.model_record import RECORD_KEY, ModelRecord
 from storyexp.callbacks.resume_state import ResumeState
 from storyexp.data import StoryDataError
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
-from storyexp.tasks import sharded
+from storyexp.tasks import original_checkpoints, sharded
 from storyexp.tasks.strategies import scale_model, strategy_kind
 from storyexp.utils.io import atomic_write_text
 from storyexp.utils.loading import StoryexpCheckpointIO, load_file
@@ -139,29 +139,56 @@ def _command_line(cfg: DictConfig) -> list[str]:
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """The checkpoint at `path`, loaded safely (memory-mapped) and checked to be one storyexp wrote. A sharded
-    checkpoint folder (FSDP / DeepSpeed) gives everything but its weights (the model record among it)."""
+    checkpoint folder (FSDP / DeepSpeed) gives everything but its weights (the model record among it). An original
+    AR-LDM / StoryDALL-E checkpoint is refused here with the `init_from_*` option that reads it (eval and sample
+    import it instead: `use_checkpoint_model`)."""
+    checkpoint = _load_checkpoint(path)
+    family = original_checkpoints.classify(checkpoint)
+    if family is not None:
+        raise ConfigurationError(original_checkpoints.resume_refusal(
+            original_checkpoints.OriginalCheckpoint(str(path), family)))
+    return _check_lightning(checkpoint, path)
+
+
+def _load_checkpoint(path: str) -> Any:
     if sharded.sharded_kind(path):
         return sharded.read_metadata(path)
-    checkpoint = load_file(path, "Checkpoint (ckpt_path)", how_to_get=CKPT_HINT, mmap=True)
+    return load_file(path, "Checkpoint (ckpt_path)", how_to_get=CKPT_HINT, mmap=True)
+
+
+def _check_lightning(checkpoint: Any, path: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        if sharded.sharded_kind(path):  # its metadata holds no weights
+            return checkpoint
         raise ConfigurationError(f"Checkpoint (ckpt_path) {path} is not a Lightning checkpoint (it has no "
                                  f"state_dict). {CKPT_HINT}")
     return checkpoint
 
 
-def use_checkpoint_model(cfg: DictConfig, path: str) -> None:
-    """Make `cfg.model` the model the checkpoint was trained with.
+def use_checkpoint_model(cfg: DictConfig, path: str) -> str | None:
+    """Make `cfg.model` the model the checkpoint was trained with; returns the `ckpt_path` to give Lightning.
+
+    An original AR-LDM `last.ckpt` / released StoryDALL-E `{epoch}.pth` (`original_checkpoints`) is imported: the
+    composed model (of the file's family) is built with `model.network.init_from_*` = the file, whose loader reads the
+    weights strictly, and Lightning gets no checkpoint (None is returned).
 
     The checkpoint's record (`ModelRecord`) holds the training run's `model=` choice and model config (its
     interpolations unresolved, so `${data.task}`, `${seed}` and the weights paths follow this run). Command-line
     `model.*` overrides apply on top (e.g. `model.sampler.num_candidates=4`); a command-line `model=` that names
     another model is an error naming both. A checkpoint without a record keeps the composed config.
     """
-    record = read_checkpoint(path).get(RECORD_KEY)
+    checkpoint = _load_checkpoint(path)
+    family = original_checkpoints.classify(checkpoint)
+    if family is not None:
+        original_checkpoints.use_original(cfg, original_checkpoints.OriginalCheckpoint(str(path), family))
+        log.info("ckpt_path %s is %s: building model=%s from it (model.network.%s).", path, family.what,
+                 original_checkpoints.composed_name(cfg), family.init_key)
+        return None
+    record = _check_lightning(checkpoint, path).get(RECORD_KEY)
     if not isinstance(record, dict) or "config" not in record:
         log.warning("Checkpoint %s has no storyexp model record: using the model composed from the command line.",
                     path)
-        return
+        return path
     overrides = _command_line(cfg)
     given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "model"]
     trained = record.get("model")
@@ -186,6 +213,7 @@ def use_checkpoint_model(cfg: DictConfig, path: str) -> None:
         OmegaConf.update(model, name[len("model."):], OmegaConf.select(cfg, name), force_add=True)
     with open_dict(cfg):
         cfg.model = model
+    return path
 
 
 def check_resume_model(cfg: DictConfig, path: str) -> None:
@@ -354,7 +382,9 @@ def original_weights(cfg: DictConfig) -> str | None:
 
 
 def require_ckpt(cfg: DictConfig, allow_original: bool = False) -> str | None:
-    """`ckpt_path` (checked to exist); with `allow_original`, None when the model is built from original weights."""
+    """`ckpt_path` (checked to exist: a storyexp checkpoint, or an original AR-LDM `last.ckpt` / StoryDALL-E
+    `{epoch}.pth`, which `use_checkpoint_model` imports); with `allow_original`, None when the model is built from
+    original weights (`model.network.init_from_*`)."""
     if not cfg.get("ckpt_path"):
         if allow_original and original_weights(cfg):
             return None
@@ -366,7 +396,8 @@ def require_ckpt(cfg: DictConfig, allow_original: bool = False) -> str | None:
 def require_file(path: str, what: str) -> str:
     """`path` if it is a file, or a sharded checkpoint folder (FSDP / DeepSpeed)."""
     if not Path(path).is_file() and not sharded.sharded_kind(path):
-        raise MissingResourceError(what, path, "Pass an existing .ckpt file written by storyexp (checkpoints/).")
+        raise MissingResourceError(what, path, "Pass an existing .ckpt file written by storyexp (checkpoints/), or "
+                                   "for eval / sample an original AR-LDM last.ckpt or StoryDALL-E {epoch}.pth.")
     return str(path)
 
 

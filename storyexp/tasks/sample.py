@@ -8,6 +8,10 @@ Stories come from, in order of precedence:
 For continuation the first frame is given: `sample.source_image=frame.png` for user captions (the
 first caption is that frame's), or the split's own first frame.
 
+The model is the checkpoint's own; `ckpt_path` may also be an original AR-LDM `last.ckpt` or a released StoryDALL-E
+`{epoch}.pth` (the composed model is built from it, tasks/original_checkpoints.py), and without `ckpt_path` the model
+built from `model.network.init_from_*` samples as it is.
+
 Output: <output_dir>/samples/story_XXX.png (grid: ground truth above generated, captions under each
 frame) and story_XXX/frame_K.png (the generated frames at full resolution); further candidates of a story, for
 models that draw several (`model.sampler.num_candidates`), go to story_XXX/candidate_C/frame_K.png.
@@ -33,8 +37,9 @@ log = logging.getLogger("storyexp")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = require_ckpt(cfg)
-    use_checkpoint_model(cfg, ckpt_path)
+    given = require_ckpt(cfg, allow_original=True)
+    # an original checkpoint as ckpt_path is imported: the model is built from it and Lightning gets None
+    ckpt_path = use_checkpoint_model(cfg, given) if given else None
     given = user_stories(cfg)  # checked before anything heavy is built
     datamodule, model, trainer = build_all(cfg)
     if given is None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
+from storyexp.data.frames import center_crop_box
 from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
 
 # BLIP normalises its input with the CLIP statistics (not ImageNet's).
@@ -365,54 +366,82 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def blip_resize(images_uint8: torch.Tensor, image_size: int, backend: str = "pil") -> torch.Tensor:
+# How a frame reaches BLIP's square input (config `model.blip_fit`): `squash` is the original's Resize([224, 224])
+# for PororoSV / FlintstonesSV; `center_crop` its VIST/SSID reader's Resize(224) + CenterCrop(224), shorter side
+# to 224 then the central square (arldm.md §3.3). Square frames (every generated frame) are the same under both.
+BLIP_FITS = ("squash", "center_crop")
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in BLIP_FITS:
+        raise ValueError(f"unknown BLIP fit {fit!r}: expected one of {BLIP_FITS}")
+
+
+def blip_resize(images_uint8: torch.Tensor, image_size: int, backend: str = "pil", fit: str = "squash") -> torch.Tensor:
     """Resize uint8 images [N, H, W, 3] to [N, image_size, image_size, 3] uint8 with bilinear filtering.
 
     ``backend="pil"`` (default) is the original's operation, Pillow's ``resize(..., BILINEAR)`` on each uint8
     image, so feedback frames match the original bit for bit. ``backend="torch"`` is the batched tensor path
     (antialiased bilinear on the uint8 tensor, on CPU): it equals Pillow for some scale factors (e.g. 512 -> 224
     and the parity set's 32 -> 224) but is off by up to 2 levels for others (e.g. 128 -> 224), because the two
-    libraries quantise the filter weights differently.
+    libraries quantise the filter weights differently. ``fit``: see ``BLIP_FITS``.
     """
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images_uint8.dtype}")
-    if tuple(images_uint8.shape[-3:-1]) == (image_size, image_size):
+    _check_fit(fit)
+    h, w = (int(d) for d in images_uint8.shape[-3:-1])
+    if (h, w) == (image_size, image_size):
         return images_uint8.detach().cpu()
+    if backend not in ("pil", "torch"):
+        raise ValueError(f"unknown resize backend {backend!r}: expected 'pil' or 'torch'")
+    size, box = (image_size, image_size), None
+    if fit == "center_crop":
+        new_h, new_w, top, left = center_crop_box(h, w, image_size)
+        size, box = (new_h, new_w), (top, left)
     if backend == "pil":
         arrays = images_uint8.detach().cpu().numpy()
-        return torch.from_numpy(np.stack([blip_resize_pil(a, image_size) for a in arrays]))
-    if backend != "torch":
-        raise ValueError(f"unknown resize backend {backend!r}: expected 'pil' or 'torch'")
-    x = images_uint8.detach().to("cpu").permute(0, 3, 1, 2).contiguous()
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return x.permute(0, 2, 3, 1).contiguous()
+        out = torch.from_numpy(np.stack([_pil_resize(a, size) for a in arrays]))
+    else:
+        x = images_uint8.detach().to("cpu").permute(0, 3, 1, 2).contiguous()
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        out = x.permute(0, 2, 3, 1).contiguous()
+    if box is not None:
+        top, left = box
+        out = out[:, top : top + image_size, left : left + image_size].contiguous()
+    return out
 
 
 def blip_preprocess(
-    images_uint8: torch.Tensor, image_size: int, device=None, dtype=torch.float32, backend: str = "pil"
+    images_uint8: torch.Tensor, image_size: int, device=None, dtype=torch.float32, backend: str = "pil",
+    fit: str = "squash",
 ) -> torch.Tensor:
     """uint8 images [..., H, W, 3] -> BLIP input [..., 3, image_size, image_size] on ``device``.
 
-    Bilinear resize of the uint8 image (:func:`blip_resize`), /255, CLIP mean/std — the original's
-    pre-processing of generated frames (and of dataset frames, whose resize is the same Pillow call).
+    Bilinear resize of the uint8 image (:func:`blip_resize`, ``fit``: squash or centre crop), /255, CLIP
+    mean/std — the original's pre-processing of generated frames (and of dataset frames, whose resize is the same
+    Pillow call).
     """
     lead = images_uint8.shape[:-3]
-    x = blip_resize(images_uint8.reshape(-1, *images_uint8.shape[-3:]), image_size, backend=backend)
+    x = blip_resize(images_uint8.reshape(-1, *images_uint8.shape[-3:]), image_size, backend=backend, fit=fit)
     x = x.permute(0, 3, 1, 2).to(device=device or images_uint8.device, dtype=torch.float32).div(255.0)
     x = _normalize(x).to(dtype)
     return x.reshape(*lead, 3, image_size, image_size)
 
 
-def blip_resize_pil(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
-    """Pillow bilinear resize of one uint8 HWC image (what the original does)."""
+def _pil_resize(image_uint8: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    return np.array(Image.fromarray(image_uint8).resize((image_size, image_size), Image.BILINEAR))
+    return np.array(Image.fromarray(image_uint8).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def blip_preprocess_pil(images_uint8: np.ndarray, image_size: int) -> torch.Tensor:
+def blip_resize_pil(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
+    """Pillow bilinear resize of one uint8 HWC image (what the original does)."""
+    return _pil_resize(image_uint8, (image_size, image_size))
+
+
+def blip_preprocess_pil(images_uint8: np.ndarray, image_size: int, fit: str = "squash") -> torch.Tensor:
     """NumPy convenience twin of :func:`blip_preprocess` for [N, H, W, 3] uint8 arrays (Pillow resize)."""
-    return blip_preprocess(torch.from_numpy(np.ascontiguousarray(images_uint8)), image_size, backend="pil")
+    return blip_preprocess(torch.from_numpy(np.ascontiguousarray(images_uint8)), image_size, backend="pil", fit=fit)
 
 
 def blip_null_image(image_size: int, dtype=torch.float32) -> torch.Tensor:
