@@ -53,3 +53,92 @@ def test_markdown_table_has_every_model_and_strategy(counts):
     assert "computed" in text and "activations excluded" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "B / " in line]
     assert len(rows) == len(PUBLISHED) * len(STRATEGIES)
+
+
+# ------------------------------------------------------------------------------------------ saved-tensor counter
+
+def linear_gelu_stack(widths, device="cpu"):
+    import torch
+
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(torch.nn.Linear(a, b, device=device))
+        if i < len(widths) - 2:
+            layers.append(torch.nn.GELU())
+    return torch.nn.Sequential(*layers)
+
+
+def hand_count(n, widths, act_bytes):
+    """Linear saves its input (and its weight); GELU saves its input, the previous Linear's output, and hands a new
+    tensor, the next Linear's input: per hidden width two n x d tensors, plus the stack's input."""
+    return act_bytes * n * (widths[0] + 2 * sum(widths[1:-1]))
+
+
+def test_ledger_counts_a_linear_gelu_stack_as_by_hand():
+    import torch
+
+    from benchmarks.memory_table import SavedTensorLedger
+
+    n, widths = 3, [5, 7, 11, 2]
+    stack = linear_gelu_stack(widths)
+    ledger = SavedTensorLedger(stack.parameters())
+    with ledger:
+        loss = stack(torch.randn(n, widths[0])).sum()
+    assert ledger.total("activations") == hand_count(n, widths, 4)
+    # addmm saves a weight only for the gradient of its input, never the bias; the stack's input needs none
+    weights = sum(4 * a * b for a, b in zip(widths[1:], widths[2:]))
+    assert ledger.total("parameters") == weights and ledger.total("weight_copies") == 0
+    loss.backward()  # the hooks hand back what they were given
+
+
+def test_ledger_counts_a_storage_once_whatever_views_are_saved():
+    import torch
+
+    from benchmarks.memory_table import SavedTensorLedger
+
+    x = torch.randn(4, 6, requires_grad=True)
+    with SavedTensorLedger() as ledger:
+        y = x * 2  # saves nothing (a constant factor)
+        z = (y * y).sum() + (y[1:].exp()).sum()  # y twice, a view of y, and exp's result (its own storage)
+    assert ledger.total("activations") == 4 * 24 + 4 * 18
+    z.backward()
+
+
+def test_cuda_autocast_model_on_meta_matches_cpu_autocast_on_real_tensors():
+    """The stack's ops (linear, GELU) are on CPU and CUDA autocast's lists alike: CPU autocast on real tensors,
+    counted by the same ledger, gives the bytes the model gives on meta tensors, and both are the hand count with
+    bf16 activations plus one bf16 copy of each weight."""
+    import torch
+
+    from benchmarks.memory_table import SavedTensorLedger, make_cuda_execution_model, meta_autocast_accepted
+
+    n, widths = 3, [5, 7, 11, 2]
+    copies = sum(2 * a * b for a, b in zip(widths[1:], widths[2:]))  # as saved: not the first layer's
+    real = linear_gelu_stack(widths)
+    with SavedTensorLedger(real.parameters()) as cpu_ledger, torch.autocast("cpu", dtype=torch.bfloat16):
+        real(torch.randn(n, widths[0])).float().sum()
+    meta = linear_gelu_stack(widths, device="meta")
+    meta_ledger = SavedTensorLedger(meta.parameters())
+    mode = make_cuda_execution_model()(meta_ledger, torch.bfloat16)
+    with meta_autocast_accepted(), torch.autocast("cpu", dtype=torch.bfloat16), mode, meta_ledger:
+        meta(torch.randn(n, widths[0], device="meta")).float().sum()
+    assert meta_ledger.total("activations") == hand_count(n, widths, 2)
+    assert meta_ledger.total("weight_copies") == copies
+    assert cpu_ledger.total("activations") == hand_count(n, widths, 2) + copies  # no model: copies unmarked
+
+
+def test_attention_is_counted_as_the_memory_efficient_kernel():
+    """q, k, v, the output (n x h x L x d each) and the fp32 log-sum-exp (n x h x L) for self-attention: no L x L
+    matrix."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.memory_table import SavedTensorLedger, make_cuda_execution_model
+
+    b, h, length, d = 2, 3, 64, 8
+    q, k, v = (torch.randn(b, h, length, d, device="meta", requires_grad=True) for _ in range(3))
+    ledger = SavedTensorLedger()
+    with make_cuda_execution_model()(ledger, None), ledger:
+        F.scaled_dot_product_attention(q, k, v)
+    philox = 2 * 8  # the dropout RNG's seed and offset (int64 scalars)
+    assert ledger.total("activations") == 4 * (4 * b * h * length * d + b * h * length) + philox

@@ -4,6 +4,10 @@ BLIP's input) matches an independent PIL computation on a non-square frame."""
 
 from __future__ import annotations
 
+import functools
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +46,12 @@ ALIASES = {"arldm_pororo": "arldm_pororo_continuation", "arldm_flintstones": "ar
            "arldm_ssid": "arldm_ssid_visualization"}
 
 
+@functools.cache
+def _composed(*overrides: str):
+    """The composed config of these overrides, composed once per module (the tests only read it; paths unused)."""
+    return compose_cfg(list(overrides), Path(tempfile.gettempdir()) / "storyexp_test_recipes")
+
+
 def _subset(cfg_node, expected: dict) -> dict:
     return {k: cfg_node.get(k) for k in expected}
 
@@ -49,12 +59,12 @@ def _subset(cfg_node, expected: dict) -> dict:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_has_its_tables_task_and_sampler_and_a_one_override_fast_setting(name, tmp_path):
     task, published, fast_name, fast = RECIPES[name]
-    cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    cfg = _composed(f"experiment={name}")
     assert cfg.data.task == task and cfg.model.task == task and task in cfg.tags
     assert _subset(cfg.model.sampler, published) == published
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     assert f"sampler={fast_name}" in text  # the fast setting is documented in the file
-    fast_cfg = compose_cfg([f"experiment={name}", f"sampler={fast_name}"], tmp_path)
+    fast_cfg = _composed(f"experiment={name}", f"sampler={fast_name}")
     assert _subset(fast_cfg.model.sampler, fast) == fast
     assert fast_cfg.model.recipe == cfg.model.recipe and fast_cfg.data == cfg.data  # only the sampler changes
 
@@ -66,14 +76,14 @@ def test_every_sampler_option_is_used_by_a_recipe():
 
 @pytest.mark.parametrize("alias", sorted(ALIASES))
 def test_the_dataset_names_are_the_same_recipe(alias, tmp_path):
-    a = compose_cfg([f"experiment={alias}"], tmp_path)
-    b = compose_cfg([f"experiment={ALIASES[alias]}"], tmp_path)
+    a = _composed(f"experiment={alias}")
+    b = _composed(f"experiment={ALIASES[alias]}")
     assert a.model == b.model and a.data == b.data and a.trainer == b.trainer
 
 
 def test_pororo_and_flintstones_keep_the_original_recipe(tmp_path):
     for name in ("arldm_pororo_continuation", "arldm_flintstones_continuation"):
-        cfg = compose_cfg([f"experiment={name}"], tmp_path)
+        cfg = _composed(f"experiment={name}")
         assert cfg.model.image_size == 512 and cfg.model.blip_fit == "squash"  # Resize([224, 224]), arldm.md §3.3
         assert cfg.model.recipe.max_epochs == 50 and cfg.model.recipe.gradient_clip_val == 1.0
         assert cfg.trainer.precision == "32-true"
@@ -81,7 +91,7 @@ def test_pororo_and_flintstones_keep_the_original_recipe(tmp_path):
 
 @pytest.mark.parametrize("name", ["arldm_ssid", "arldm_ssid_visualization", "arldm_ssid_continuation"])
 def test_ssid_recipe_is_the_reimplementations(name, tmp_path):
-    cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    cfg = _composed(f"experiment={name}")
     assert cfg.model.recipe.max_epochs == 5 and cfg.model.recipe.gradient_clip_val is None
     assert cfg.trainer.gradient_clip_val is None and cfg.trainer.max_epochs == 5
     assert cfg.data.batch_size == 1 and cfg.trainer.precision == "16-mixed"
@@ -93,7 +103,7 @@ def test_ssid_recipe_is_the_reimplementations(name, tmp_path):
 
 def test_fit_options_compose_and_bad_values_are_one_line(tmp_path):
     for fit in FRAME_FITS:
-        cfg = compose_cfg(["experiment=arldm_ssid", f"data.frame_fit={fit}", f"model.blip_fit={fit}"], tmp_path)
+        cfg = _composed("experiment=arldm_ssid", f"data.frame_fit={fit}", f"model.blip_fit={fit}")
         assert cfg.data.frame_fit == fit and cfg.model.blip_fit == fit
     with pytest.raises(ConfigurationError, match=r"^data\.frame_fit='crop' is not valid[^\n]*$"):
         StoryDataModule(name="ssid", path=tmp_path / "x.h5", frame_fit="crop")

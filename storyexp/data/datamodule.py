@@ -345,6 +345,7 @@ class StoryDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         max_length: int | None = None,
         vocabulary: Sequence[str] | None = None,
+        character_tokens: Sequence[str] | None = None,
         frame_choice: Mapping[str, str] | None = None,
         sentence_embeddings: bool = False,
         generated_path: str | os.PathLike | None = None,
@@ -395,9 +396,11 @@ class StoryDataModule(L.LightningDataModule):
         unknown = sorted(set(self.frame_choice.values()) - set(FRAME_RULES))
         if unknown or set(self.frame_choice) != {"train", "eval"}:
             raise ValueError(f"frame_choice must map train/eval to one of {FRAME_RULES}, got {self.frame_choice}")
-        # caption facts the model config reads (`${data.max_length}`, `${data.vocabulary}`); unused here
+        # caption facts the model config reads (`${data.max_length}`, `${data.vocabulary}`,
+        # `${data.character_tokens}`: the order the names join the tokenizers); unused here
         self.max_length = max_length
         self.vocabulary = list(vocabulary or [])
+        self.character_tokens = [str(c) for c in (characters if character_tokens is None else character_tokens)]
         self.demo = spec.generator.params(demo) if spec.generator is not None else None
         self.datasets: dict[str, StoryItems] = {}
         self.save_hyperparameters(

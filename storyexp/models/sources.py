@@ -39,6 +39,24 @@ def network_seed(network: Mapping[str, Any]) -> int:
     return int(network.get("seed", 0) or 0)
 
 
+def original_name_tokens(network: Mapping[str, Any], init_key: str) -> bool:
+    """`network.original_name_tokens`: whether character names are tokenized as the original trained them.
+
+    true: the original's matching (AR-LDM: CLIP turns only a lower-case mention into the name token, as the
+    transformers 4.24 slow tokenizer did; StoryDALL-E on minDALL-E: the name also matches inside a longer word,
+    "eddy" in "teddy", as the plain `add_tokens` did). false: this project's (any case; whole words only).
+    null (the default): true exactly when the network starts from an original checkpoint (`init_key`, which an
+    original file given as `ckpt_path` sets too), so an imported checkpoint sees the token ids it was trained on.
+    """
+    value = network.get("original_name_tokens")
+    if value is None:
+        return bool(network.get(init_key))
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"model.network.original_name_tokens={value!r} is not valid: it must be true, false "
+                                 "or null (null: true when the network starts from an original checkpoint).")
+    return value
+
+
 class NetworkBuilder(ABC, Generic[Parts, Built]):
     """`build(network)`: check `network.source`, build the parts from that source, then `finish` them."""
 

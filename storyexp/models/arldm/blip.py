@@ -198,16 +198,27 @@ class BlipMultimodalEncoder(nn.Module):
         return self.config.image_size
 
     def resize_token_embeddings(self, new_num_tokens: int, generator: torch.Generator | None = None) -> None:
-        """Resize the word table keeping the first min(old, new) rows; new rows ~ N(0, 0.02) like BERT's init."""
+        """Resize the word table keeping the first min(old, new) rows; new rows ~ N(0, 0.02) like BERT's init.
+        The new table has no padding row, as the original's resize gave (see `release_padding_row`)."""
         old = self.text.embeddings.word_embeddings
         if old.num_embeddings == new_num_tokens:
             return
         weight = _resized_rows(old.weight.data, new_num_tokens, std=0.02, generator=generator)
-        new = nn.Embedding(new_num_tokens, weight.shape[1], padding_idx=old.padding_idx).to(weight)
+        new = nn.Embedding(new_num_tokens, weight.shape[1]).to(weight)
         new.weight.data.copy_(weight)
         self.text.embeddings.word_embeddings = new
         self.text.config.vocab_size = new_num_tokens
         self.config.vocab_size = new_num_tokens
+
+    def release_padding_row(self) -> None:
+        """Let the word table's [PAD] row train, as it did in the original whenever character tokens were added.
+
+        AR-LDM grew BLIP's table with transformers 4.24's `resize_token_embeddings`, which builds the new table as a
+        plain `nn.Embedding` without `padding_idx`: the [PAD] row then gets gradients like any other row (PororoSV,
+        FlintstonesSV; SSID adds no token, so its table kept `padding_idx` and a frozen [PAD] row). That row matters:
+        the unconditional history is BLIP over "" padded to S with no attention mask, so it reads S-2 [PAD] rows.
+        The module is built at the grown size directly, so this is called after the grown weights are in place."""
+        self.text.embeddings.word_embeddings.padding_idx = None
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -31,7 +31,7 @@ from storyexp.models.sizes import (
     plain,
     unknown_key_error,
 )
-from storyexp.models.sources import NetworkBuilder, network_seed
+from storyexp.models.sources import NetworkBuilder, network_seed, original_name_tokens
 
 from .autoencoder import PixelAutoencoder
 from .blip import BlipMultimodalConfig
@@ -48,7 +48,8 @@ from .loading import (
 PRETRAINED_KEYS = ("stable_diffusion", "blip_checkpoint", "bert_tokenizer")
 # keys of `model.network` that are not sizes: read by the builder (the pretrained ones are inherited from the
 # published config and unused when building from sizes)
-NETWORK_KEYS = ("source", "words", "seed", "init_from_original", "tokenizer_dir", *PRETRAINED_KEYS)
+NETWORK_KEYS = ("source", "words", "seed", "init_from_original", "original_name_tokens", "tokenizer_dir",
+                *PRETRAINED_KEYS)
 _FROM_TOKENIZERS = "it is set from the tokenizers"
 
 
@@ -207,11 +208,11 @@ class ARLDMBuilder(NetworkBuilder[ARLDMComponents, ARLDMComponents]):
     max_length: int
 
     def from_pretrained(self, network: dict[str, Any]) -> ARLDMComponents:
-        options = {k: v for k, v in network.items() if k not in ("source", "init_from_original", *PRETRAINED_KEYS)}
+        chosen = ("source", "init_from_original", "original_name_tokens", *PRETRAINED_KEYS)
+        options = {k: v for k, v in network.items() if k not in chosen}
         unknown = [k for k in options if k not in PRETRAINED_OPTIONS]
         if unknown:
-            raise unknown_key_error("model.network", unknown, [*PRETRAINED_KEYS, "init_from_original",
-                                                               *PRETRAINED_OPTIONS], what="option",
+            raise unknown_key_error("model.network", unknown, [*chosen[1:], *PRETRAINED_OPTIONS], what="option",
                                     context="source: pretrained")
         absent = [k for k in PRETRAINED_KEYS if k not in network]
         if absent:
@@ -223,6 +224,7 @@ class ARLDMBuilder(NetworkBuilder[ARLDMComponents, ARLDMComponents]):
                 network["bert_tokenizer"],
                 max_length=self.max_length,
                 new_tokens=list(self.characters),
+                clip_names_match_case=original_name_tokens(network, "init_from_original"),
                 **options,
             )
         except MissingResourceError as err:  # the loader's list of every missing file, with the config's fix added
@@ -236,7 +238,9 @@ class ARLDMBuilder(NetworkBuilder[ARLDMComponents, ARLDMComponents]):
         characters = list(self.characters)
         words = list(network.get("words") or [])
         return build_arldm_from_sizes(words + characters, network.get("tokenizer_dir"), max_length=self.max_length,
-                                      new_tokens=characters, seed=network_seed(network), **sizes.to_kwargs())
+                                      new_tokens=characters, seed=network_seed(network),
+                                      clip_names_match_case=original_name_tokens(network, "init_from_original"),
+                                      **sizes.to_kwargs())
 
     def finish(self, parts: ARLDMComponents, network: dict[str, Any]) -> ARLDMComponents:
         init_from = network.get("init_from_original")

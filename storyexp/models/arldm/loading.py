@@ -233,6 +233,7 @@ def build_arldm_from_pretrained(
     new_rows_init: str = "original",
     generator: torch.Generator | None = None,
     local_files_only: bool | None = None,
+    clip_names_match_case: bool = False,
 ) -> ARLDMComponents:
     """AR-LDM from Stable Diffusion + BLIP weights, as the original constructor builds it.
 
@@ -245,6 +246,8 @@ def build_arldm_from_pretrained(
         new_tokens: character names added to both tokenizers (only the missing ones).
         blip_config / blip_med_config + blip_vision: BLIP sizes (default: published ViT-L + BERT-base).
         new_rows_init: "original" (N(0,1) CLIP rows, N(0,0.02) BERT rows) or "mean" (CLIP rows = mean row).
+        clip_names_match_case: CLIP matches a character token only where the caption writes the name in lower case,
+            as the original's transformers 4.24 slow tokenizer did (`add_character_tokens`); False: any case.
 
     Raises :class:`storyexp.errors.MissingResourceError` once, listing every missing file with where it was
     expected.
@@ -262,8 +265,8 @@ def build_arldm_from_pretrained(
 
     clip_tokenizer = load_clip_tokenizer(sd_dir / "tokenizer")
     blip_tokenizer = load_blip_tokenizer(bert_dir)
-    add_character_tokens(clip_tokenizer, new_tokens)
-    add_character_tokens(blip_tokenizer, new_tokens)
+    add_character_tokens(clip_tokenizer, new_tokens, match_case=clip_names_match_case)
+    blip_grew = bool(add_character_tokens(blip_tokenizer, new_tokens))
 
     text_encoder = load_clip_text_encoder(sd_dir / "text_encoder")
     resize_token_embeddings(text_encoder, len(clip_tokenizer), init=new_rows_init, generator=generator)
@@ -275,6 +278,8 @@ def build_arldm_from_pretrained(
     mm_encoder = BlipMultimodalEncoder(config)
     load_salesforce_blip_state_dict(mm_encoder, load_blip_checkpoint(blip_path), generator=generator,
                                     what=f"BLIP checkpoint {blip_path}")
+    if blip_grew:  # the original's resize left the grown table without a padding row
+        mm_encoder.release_padding_row()
 
     vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"))
     unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
@@ -331,6 +336,7 @@ def build_arldm_from_sizes(
     noise_scheduler_config: Mapping | None = None,
     latent_scale_factor: float | None = None,
     seed: int = 0,
+    clip_names_match_case: bool = False,
 ) -> ARLDMComponents:
     """A randomly initialised AR-LDM of small sizes, with tokenizers written from ``words``.
 
@@ -344,6 +350,7 @@ def build_arldm_from_sizes(
         vae: the whole autoencoder spec: ``{"kind": "pixel", "factor": f, "scaling_factor": s}`` (default: the
             lossless pixel autoencoder with f = 2) or ``{"kind": "kl", **AutoencoderKL kwargs}``.
         seed: initialisation seed (the global RNG state is left untouched).
+        clip_names_match_case: as for `build_arldm_from_pretrained`.
     """
     words = list(words)
     with tempfile.TemporaryDirectory(prefix="arldm_tokenizers_") as scratch:
@@ -351,8 +358,8 @@ def build_arldm_from_sizes(
         folder = Path(tokenizer_dir or scratch)
         clip_tokenizer = load_clip_tokenizer(write_clip_tokenizer(words, folder / "clip", max_length))
         blip_tokenizer = load_blip_tokenizer(write_bert_tokenizer(words, folder / "bert"))
-    add_character_tokens(clip_tokenizer, new_tokens)
-    add_character_tokens(blip_tokenizer, new_tokens)
+    add_character_tokens(clip_tokenizer, new_tokens, match_case=clip_names_match_case)
+    blip_grew = bool(add_character_tokens(blip_tokenizer, new_tokens))
 
     clip_sizes = {**_TINY_CLIP, **dict(clip or {})}
     blip_sizes = {**_TINY_BLIP, "vision_width": width, **dict(blip or {})}
@@ -381,6 +388,8 @@ def build_arldm_from_sizes(
             }
         )
         mm_encoder = BlipMultimodalEncoder(blip_config)
+        if blip_grew:  # as the original's resize (see `build_arldm_from_pretrained`)
+            mm_encoder.release_padding_row()
         unet_module = UNet2DConditionModel(
             in_channels=latent_channels, out_channels=latent_channels, cross_attention_dim=width, **unet_sizes
         )

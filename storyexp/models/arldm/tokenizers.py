@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import regex
+from tokenizers import AddedToken
 from transformers import BertTokenizer, CLIPTokenizer
 
 ENC_TOKEN = "[ENC]"
@@ -76,9 +77,15 @@ def blip_enc_token_id(tokenizer) -> int:
     return int(token_id)
 
 
-def add_character_tokens(tokenizer, names: Iterable[str]) -> list[str]:
+def add_character_tokens(tokenizer, names: Iterable[str], match_case: bool = False) -> list[str]:
     """Add character names as whole tokens; only names missing from the vocabulary are added (in order).
 
+    ``match_case``: the name token stands for the name as written (lower case) only, as the original's
+    transformers 4.24 slow ``CLIPTokenizer`` matched added tokens, before lower-casing the rest of the text:
+    "pororo" is the new token, "Pororo" and "PORORO" fall apart into the pretrained BPE pieces of "pororo".
+    Otherwise (current transformers) the name is matched after the tokenizer's normalisation, so any case maps to
+    the new token. A BERT tokenizer (``do_lower_case``) lower-cases before matching in both versions, so the
+    original BLIP tokenizer was case-insensitive: leave ``match_case`` off for it.
     Returns the names that were added. Embedding tables must then be sized ``len(tokenizer)``.
     """
     vocab = tokenizer.get_vocab()
@@ -87,7 +94,8 @@ def add_character_tokens(tokenizer, names: Iterable[str]) -> list[str]:
         if name not in vocab and name not in missing:
             missing.append(name)
     if missing:
-        tokenizer.add_tokens(missing)
+        # normalized=False: matched against the raw text, i.e. case-sensitively (the 4.24 slow tokenizer's trie)
+        tokenizer.add_tokens([AddedToken(name, normalized=False) for name in missing] if match_case else missing)
     return missing
 
 

@@ -27,7 +27,7 @@ import torch
 
 from storyexp.errors import ConfigurationError
 from storyexp.models.sizes import parse_sizes
-from storyexp.models.sources import NetworkBuilder, network_seed
+from storyexp.models.sources import NetworkBuilder, network_seed, original_name_tokens
 from storyexp.models.vqgan import VQGAN, VQGANConfig, build_stage1
 from storyexp.utils.loading import UnreadableFileError, load_file
 
@@ -131,7 +131,8 @@ class StoryDalleBuilder(NetworkBuilder[StoryDalleParts, StoryDalleComponents]):
     def finish(self, parts: StoryDalleParts, network: dict[str, Any]) -> StoryDalleComponents:
         story, tokenizer, stage1 = self.story, parts.tokenizer, parts.stage1
         base_vocab = parts.stage2_config.vocab_size_txt
-        add_character_tokens(tokenizer, list(self.characters))
+        add_character_tokens(tokenizer, list(self.characters),
+                             whole_words=not original_name_tokens(network, "init_from_storydalle"))
         torch.manual_seed(network_seed(network))  # story block, prompt and cross-attention inits are reproducible
         net = StoryDalleNet(
             parts.stage2_config,

@@ -6,7 +6,8 @@ match the pretrained `tok_emb_txt` rows bit for bit. Three more ways in:
 - `word_tokenizer(words, ...)`: the same CharBPE model whose merges spell each listed word as one token, for the
   demo and tiny models (no 16k vocabulary can be downloaded or trained here);
 - `add_character_tokens`: StoryDALL-E's character names appended as whole-word tokens (the original's plain
-  `add_tokens` also matched inside longer words, e.g. "eddy" in "teddy");
+  `add_tokens` also matched inside longer words, e.g. "eddy" in "teddy": `whole_words=False`, which
+  `model.network.original_name_tokens` selects);
 - `tokenizer_to_json` / `tokenizer_from_json`: the grown tokenizer travels inside a training checkpoint (the
   original saved only vocab.json/merges.txt and re-added the characters at inference).
 """
@@ -84,9 +85,13 @@ def word_tokenizer(words: Iterable[str], context_length: int, alphabet: str = AL
     return _pad_to_context(tokenizer, context_length)
 
 
-def add_character_tokens(tokenizer, names: Sequence[str]) -> list[int]:
-    """Append `names` as whole-word tokens matched after lower-casing; returns their ids (existing ones kept)."""
-    tokens = [AddedToken(n.lower(), single_word=True, normalized=True) for n in names]
+def add_character_tokens(tokenizer, names: Sequence[str], whole_words: bool = True) -> list[int]:
+    """Append `names` as tokens matched after lower-casing; returns their ids (existing ones kept).
+
+    `whole_words`: a name matches only as a whole word. False: the original's plain `add_tokens(names)`, which
+    also matches inside a longer word ("teddy" -> "t" + "eddy"); the ids of a released checkpoint's training.
+    """
+    tokens = [AddedToken(n.lower(), single_word=bool(whole_words), normalized=True) for n in names]
     tokenizer.add_tokens(tokens)
     return [tokenizer.token_to_id(n.lower()) for n in names]
 
