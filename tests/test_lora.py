@@ -1,8 +1,8 @@
 """`model.train.mode=lora` (peft adapters) on the three tiny systems, and `model.optimizer.impl`.
 
-For each model: a lora checkpoint holds only the adapters and the declared fully-trained parts, it round-trips
-through Lightning's `load_from_checkpoint` (same generated frames), its keys are checked strictly, merged sampling
-equals unmerged sampling, and only the trainable set gets gradients.
+For each model: a lora checkpoint holds only the adapters, the declared fully-trained parts and the buffers, it
+round-trips through Lightning's `load_from_checkpoint` (same generated frames), its keys are checked strictly, merged
+sampling equals unmerged sampling, and only the trainable set gets gradients.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_lora_checkpoint_roundtrip_merge_and_gradients(name, tmp_path, demo_batc
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad <= trainable and any("lora_A" in k for k in with_grad)
 
-    # the checkpoint holds exactly the trainable set (the base is rebuilt from the config)
+    # the checkpoint holds exactly the trainable set and the buffers (the base is rebuilt from the config)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.strategy.connect(model)
@@ -84,7 +84,8 @@ def test_lora_checkpoint_roundtrip_merge_and_gradients(name, tmp_path, demo_batc
     path = tmp_path / "lora.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
     saved = torch.load(path, weights_only=True)["state_dict"]
-    assert set(saved) == model.saved_state_keys() == trainable
+    buffers = {k for k, v in model.state_dict(keep_vars=True).items() if not isinstance(v, torch.nn.Parameter)}
+    assert set(saved) == model.saved_state_keys() == trainable | buffers
     full = model.state_dict()
     assert len(saved) < len(full)
 
@@ -105,9 +106,12 @@ def test_lora_checkpoint_roundtrip_merge_and_gradients(name, tmp_path, demo_batc
     torch.testing.assert_close(eval_loss(fresh, demo_batch), unmerged_loss, rtol=1e-4, atol=1e-5)
     assert reloaded._lora_merged  # generate merged it
 
-    # strict: a full (finetune) checkpoint, or a lora one missing an adapter, is one clear error
-    with pytest.raises(CheckpointMismatchError, match="unexpected keys.*train.mode=lora"):
-        fresh.on_load_checkpoint({"state_dict": full})
+    # strict: a finetune checkpoint (no adapters), or a lora one missing an adapter, is one clear error; the lora
+    # model's own full dump (model.train.save_frozen=true) loads
+    _, finetuned = build(tmp_path, name)
+    with pytest.raises(CheckpointMismatchError, match="missing keys.*lora_A.*model.train options"):
+        fresh.on_load_checkpoint({"state_dict": finetuned.state_dict()})
+    fresh.on_load_checkpoint({"state_dict": full})
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
         fresh.on_load_checkpoint({"state_dict": {k: v for k, v in saved.items() if "lora_A" not in k}})
 
@@ -124,9 +128,10 @@ def test_lora_options_and_refusals(tmp_path):
         build(tmp_path, "mega_tiny", "model.train.mode=lora", "model.train.lora.r=0")
     with pytest.raises(ConfigurationError, match="freeze_resnet=true does not combine"):
         build(tmp_path, "arldm_tiny", "model.train.mode=lora", "model.train.freeze_resnet=true")
-    # finetune stays the default: no adapters, every key saved
+    # finetune stays the default: no adapters; checkpoints are lean in every mode (tests/test_lean_checkpoints.py)
     _, plain = build(tmp_path, "mega_tiny")
-    assert plain.saved_state_keys() is None and not any("lora" in n for n, _ in plain.named_parameters())
+    assert plain.saved_state_keys() == plain.lean_state_keys()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
 
 
 # ----------------------------------------------------------------------------------------------- optimizer

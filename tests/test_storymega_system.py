@@ -179,6 +179,28 @@ def test_generation_is_seeded_and_superconditioning_changes_it(tiny):
     assert cands.shape[1] == 2 and not torch.equal(cands[:, 0], cands[:, 1])
 
 
+def test_factor_one_skips_the_unconditional_half_and_draws_the_same_codes(tiny, tmp_path, monkeypatch):
+    """At supercondition factor 1 the unconditional half is multiplied by 0: skipping it (the default) gives the
+    same codes as running both halves (the original's cost), with the decoder stepping B rows instead of 2B."""
+    _, model, batch = tiny
+    rows: list[int] = []
+    step = model.model.decoder.step
+
+    def counting_step(prev, *args, **kwargs):
+        rows.append(prev.shape[0])
+        return step(prev, *args, **kwargs)
+
+    monkeypatch.setattr(model.model.decoder, "step", counting_step)
+    both = model.generate_candidates(batch, num_candidates=2, skip_unconditional=False)
+    rows_both, rows[:] = list(rows), []
+    skipped = model.generate_candidates(batch, num_candidates=2)
+    assert torch.equal(both, skipped)
+    n = len(batch["ids"]) * 2 * model.num_targets  # stories x candidates x target frames, drawn together
+    assert set(rows) == {n} and set(rows_both) == {2 * n}
+    cfg = compose_cfg(TINY + ["model.sampler.skip_unconditional=false"], tmp_path)
+    assert cfg.model.sampler.skip_unconditional is False and cfg.model.sampler.supercondition_factor == 1.0
+
+
 # --------------------------------------------------------------------------------- pretrained sources
 
 

@@ -3,6 +3,10 @@
 The task adds this callback to every trainer (it is not a config option): it writes `checkpoint["storyexp"]` =
 `{"format": 1, "model": <the model= choice>, "config": <the model config, interpolations unresolved>}`.
 `storyexp.tasks.common.use_checkpoint_model` reads it back.
+
+The same dict carries `"frozen"`, the record of where a lean checkpoint's frozen weights come from: the system writes
+it itself (`StorySystem.on_save_checkpoint`, which runs after this callback), because Lightning calls no callback for
+a weights-only save and a lean state dict must never travel without it. Both writers merge into the dict.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from typing import Any
 
 import lightning as L
 
-RECORD_KEY = "storyexp"
+from storyexp.utils.fingerprints import RECORD_KEY
+
 RECORD_FORMAT = 1
+__all__ = ["RECORD_FORMAT", "RECORD_KEY", "ModelRecord"]
 
 
 class ModelRecord(L.Callback):
@@ -20,4 +26,4 @@ class ModelRecord(L.Callback):
         self.record = {"format": RECORD_FORMAT, "model": model, "config": config}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RECORD_KEY] = self.record
+        checkpoint[RECORD_KEY] = {**(checkpoint.get(RECORD_KEY) or {}), **self.record}

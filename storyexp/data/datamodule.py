@@ -8,6 +8,11 @@ Batches are model-agnostic dicts (systems turn them into network inputs)::
     labels   float32 tensor [B, 5, C], or None when the split has no labels
     ids      list (B) of str
     index    int64 tensor [B] (row of the story in its split)
+    frame_choice  int64 tensor [B, 5]: per frame, which of its stored candidates was read (the frame of a PororoSV
+                  strip / FlintstonesSV clip that ``data.frame_choice`` picked; 0 where a caption has one frame)
+    precomputed   dict name -> tensor [B, 5, ...]: the arrays a precomputed file (:mod:`storyexp.data.precomputed`)
+                  holds for exactly these frames (only in training batches, once a file is attached with
+                  :meth:`StoryDataModule.attach_precomputed`)
     sentence_embeds  float32 tensor [B, 5, D]: the dataset's own per-frame sentence embeddings (only with
                      ``sentence_embeddings=True``; StoryDALL-E's story-block input)
 
@@ -29,9 +34,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from storyexp.errors import ConfigurationError, MissingResourceError
+from storyexp.utils.cache import data_fingerprint
 
 from .frames import FRAME_FITS, FRAME_RULES, fit_frame
 from .hdf5 import HDF5Stories
+from .precomputed import PrecomputedArrays
 from .registry import DatasetSpec, get_dataset
 from .sources import open_split
 from .story import N_FRAMES, Story, StoryDataError
@@ -163,6 +170,48 @@ class _Head(Sequence):
         """The base reader's sentence embeddings of story `i` (within the head)."""
         return self.base.sentence_embeddings(self._index(i))
 
+    def read_story(self, i: int) -> tuple[Story, tuple[int, ...]]:
+        return read_story(self.base, self._index(i))
+
+    def story_candidates(self, i: int) -> tuple[str, list[list[np.ndarray]]]:
+        return story_candidates(self.base, self._index(i))
+
+
+def read_story(stories: Sequence[Story], i: int) -> tuple[Story, tuple[int, ...]]:
+    """Story `i` and the candidate index picked per frame (readers storing one frame per caption: all 0)."""
+    read = getattr(stories, "read_story", None)
+    if callable(read):
+        return read(i)
+    story = stories[i]
+    return story, (0,) * len(story.frames)
+
+
+def story_candidates(stories: Sequence[Story], i: int) -> tuple[str, list[list[np.ndarray]]]:
+    """``(story id, [5][k_j] frames)``: every frame `data.frame_choice` may pick for each position of story `i`."""
+    if isinstance(stories, _Head):
+        return stories.story_candidates(i)
+    candidates, story_id = getattr(stories, "frame_candidates", None), getattr(stories, "story_id", None)
+    if callable(candidates) and callable(story_id):
+        return story_id(i), candidates(i)
+    story = stories[i]
+    return story.id, [[f] for f in story.frames]
+
+
+class _AllCandidates(Sequence):
+    """A split's stories with every candidate frame in `frames` (a fingerprint that `frame_choice=random` keeps)."""
+
+    def __init__(self, stories: Sequence[Story]) -> None:
+        self.stories = stories
+
+    def __len__(self) -> int:
+        return len(self.stories)
+
+    def __getitem__(self, i: int) -> Story:  # type: ignore[override]
+        story = self.stories[i]
+        _, candidates = story_candidates(self.stories, i)
+        story.frames = [f for options in candidates for f in options]
+        return story
+
 
 def _reader(stories: Sequence) -> Sequence:
     """The dataset reader behind any :class:`_Head` views."""
@@ -192,6 +241,7 @@ class StoryItems(Dataset):
         frame_fit: str = "squash",
     ) -> None:
         self.stories = stories
+        self.precomputed: PrecomputedArrays | None = None  # attached by StoryDataModule.attach_precomputed
         self.frame_size = None if frame_size is None else int(frame_size)
         if frame_fit not in FRAME_FITS:
             raise ConfigurationError(f"data.frame_fit={frame_fit!r} is not valid: it must be one of {FRAME_FITS}")
@@ -206,21 +256,31 @@ class StoryItems(Dataset):
     def __len__(self) -> int:
         return len(self.stories)
 
+    def _fit(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        if self.frame_size is None:
+            return list(frames)
+        return [fit_frame(f, self.frame_size, self.frame_fit) for f in frames]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        story = self.stories[index]
-        frames = story.frames
-        if self.frame_size is not None:
-            frames = [fit_frame(f, self.frame_size, self.frame_fit) for f in frames]
+        story, choice = read_story(self.stories, index)
         item = {
-            "frames": frames,
+            "frames": self._fit(story.frames),
             "captions": list(story.captions),
             "labels": story.labels,
             "id": story.id,
             "index": int(index),
+            "frame_choice": choice,
         }
         if self.sentence_embeddings:
             item["sentence_embeds"] = self._sentence_embeds(index, story)
+        if self.precomputed is not None:
+            item["precomputed"] = self.precomputed.arrays(index, story.id, choice)
         return item
+
+    def candidates(self, index: int) -> tuple[str, list[list[np.ndarray]]]:
+        """``(story id, [5][k_j] frames)``: every frame story `index` may be read with, resized as items are."""
+        story_id, candidates = story_candidates(self.stories, index)
+        return story_id, [self._fit(options) for options in candidates]
 
     def _sentence_embeds(self, index: int, story: Story) -> np.ndarray:
         emb = np.asarray(self.stories.sentence_embeddings(index), dtype=np.float32)
@@ -268,10 +328,27 @@ def collate_stories(items: list[dict[str, Any]]) -> dict[str, Any]:
         "ids": [it["id"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
+    if all("frame_choice" in it for it in items):
+        batch["frame_choice"] = torch.tensor([list(it["frame_choice"]) for it in items], dtype=torch.long)
     embeds = _collate_sentence_embeds(items)
     if embeds is not None:
         batch["sentence_embeds"] = embeds
+    precomputed = _collate_precomputed(items)
+    if precomputed is not None:
+        batch["precomputed"] = precomputed
     return batch
+
+
+def _collate_precomputed(items: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+    """``{name: [B, 5, ...]}`` when every item has precomputed arrays, None when none has."""
+    have = [it for it in items if "precomputed" in it]
+    if not have:
+        return None
+    if len(have) != len(items):
+        missing = [it["id"] for it in items if "precomputed" not in it]
+        raise ValueError(f"some stories in the batch have precomputed arrays and some do not (without: {missing})")
+    names = have[0]["precomputed"]
+    return {name: torch.from_numpy(np.stack([it["precomputed"][name] for it in items])) for name in names}
 
 
 def _collate_sentence_embeds(items: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -321,6 +398,15 @@ class StoryDataModule(L.LightningDataModule):
             PororoSV and FlintstonesSV archives). Only those raw readers have them; any other source (HDF5
             files, SSID, the demo) is a :class:`~storyexp.errors.ConfigurationError` in ``setup``: compute the
             embeddings from the captions with ``model.sentence_encoder`` instead. Default ``False`` (no key).
+        precompute: train on precomputed inputs: the outputs of the model's frozen encoders for every candidate
+            frame of the training split, computed once into a file (``task=precompute``, or on the first training
+            run) and attached to training batches as ``batch["precomputed"]``. This module only holds the setting
+            and reads the file (:meth:`attach_precomputed`); the system computes the arrays and keys the file
+            (``storyexp.systems.frozen_inputs``). Validation and test keep encoding live.
+        precompute_path: an explicit file to use (written there when missing; one whose record differs from this
+            model / data is refused); ``None``: a file named by its key in `precompute_dir`.
+        precompute_dir: the shared folder of keyed precomputed files (a limited training split writes into the run's
+            output folder instead).
     """
 
     def __init__(
@@ -350,8 +436,14 @@ class StoryDataModule(L.LightningDataModule):
         sentence_embeddings: bool = False,
         generated_path: str | os.PathLike | None = None,
         shuffle_seed: int | None = None,
+        precompute: bool = False,
+        precompute_path: str | os.PathLike | None = None,
+        precompute_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        self.precompute = bool(precompute)
+        self.precompute_path = None if precompute_path is None else Path(precompute_path).expanduser()
+        self.precompute_dir = None if precompute_dir is None else Path(precompute_dir).expanduser()
         # the training order's seed; None: the run's `seed` (seed_everything's PL_GLOBAL_SEED), else 0
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         spec = get_dataset(name)  # an unknown name: ConfigurationError listing the known ones
@@ -648,6 +740,58 @@ class StoryDataModule(L.LightningDataModule):
     def stories(self, split: str) -> Sequence[Story]:
         """The (limited) ``Story`` sequence of a split, e.g. for sampling or metrics."""
         return self._dataset(split).stories
+
+    # -- precomputed inputs ---------------------------------------------------------------------------------
+
+    def candidate_frames(self, split: str, index: int) -> tuple[str, list[list[np.ndarray]]]:
+        """``(story id, [5][k_j] uint8 frames)``: every frame story `index` of `split` may be read with, resized by
+        ``frame_size`` / ``frame_fit`` exactly as batches are (what a precomputed file holds rows for)."""
+        return self._dataset(split).candidates(index)
+
+    def candidates_fingerprint(self, split: str, samples: int = 8) -> dict[str, Any]:
+        """`storyexp.utils.cache.data_fingerprint` of `split` over every candidate frame (not the randomly picked
+        one: the same on every call), with the frame geometry batches get. NumPy's global generator is left as it
+        was, so computing the key does not move the random frame choice of the training run."""
+        state = np.random.get_state()
+        try:
+            view = _FingerprintView(self.name, self.path, _AllCandidates(self.stories(split)), self._limit_for(split))
+            fingerprint = data_fingerprint(view, splits=("train",), samples=samples)
+        finally:
+            np.random.set_state(state)
+        fingerprint["split"] = split
+        fingerprint["frame_size"] = self.frame_size
+        fingerprint["frame_fit"] = self.frame_fit
+        return fingerprint
+
+    def attach_precomputed(self, path: str | os.PathLike) -> PrecomputedArrays:
+        """Training batches (the training split only) carry the arrays of the precomputed file at `path`
+        (``batch["precomputed"]``); validation and test keep the live frames only."""
+        arrays = PrecomputedArrays(path)
+        dataset = self._dataset(self.train_split)
+        if len(arrays) != len(dataset):
+            raise ConfigurationError(
+                f"precomputed file {path} holds {len(arrays)} stories but the {self.name} {self.train_split!r} split "
+                f"has {len(dataset)}: recompute it (task=precompute) or drop data.precompute_path"
+            )
+        dataset.precomputed = arrays
+        return arrays
+
+    def detach_precomputed(self) -> None:
+        """Training batches without precomputed arrays again (live encoding)."""
+        if self.train_split in self.datasets:
+            self.datasets[self.train_split].precomputed = None
+
+
+class _FingerprintView:
+    """What `data_fingerprint` reads of a data module, for one split under the name ``train``."""
+
+    def __init__(self, name: str, path: Path, stories: Sequence[Story], limit: int | None) -> None:
+        self.name, self.path, self._stories = name, path, stories
+        self.limits = {"train": limit}
+        self.train_split = "train"
+
+    def stories(self, split: str) -> Sequence[Story]:
+        return self._stories
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -7,6 +7,10 @@ Rules (config `data.frame_choice`, one for training and one for val/test):
              machine and worker count (val/test, so reference sets and FID do not change between runs;
              the originals picked these at random too).
     first / middle   frame 0 / frame n // 2.
+
+Readers that store several frames per caption expose the choice: ``read_story(i) -> (Story, picked index per
+position)`` and ``frame_candidates(i) -> [5][n] frames`` (every frame a rule may pick), so inputs precomputed per
+candidate frame (:mod:`storyexp.data.precomputed`) are found for the frame a random choice drew.
 """
 
 from __future__ import annotations

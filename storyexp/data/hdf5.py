@@ -17,7 +17,9 @@ Layout (what ARLDM's ``data_script/*_hdf5.py`` write, see ``reference/arldm.md``
 Frames are returned as stored (``frame_height=None``): a PororoSV strip of k frames is one ``128k x 128``
 image and a FlintstonesSV clip one ``640 x 128`` image. With ``frame_height=128`` a taller image is split into
 its frames and one is picked by ``frame_choice`` (see :mod:`storyexp.data.frames`), keyed by story id and
-position exactly as the raw readers do.
+position exactly as the raw readers do. ``read_story(i)`` also says which frame of each strip was picked, and
+``frame_candidates(i)`` gives every frame that may be picked (what a precomputed file, :mod:`storyexp.data.precomputed`,
+holds rows for).
 """
 
 from __future__ import annotations
@@ -261,18 +263,56 @@ class HDF5Stories(Sequence):
     def __getitem__(self, index: int) -> Story:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self._len))]  # type: ignore[return-value]
+        return self.read_story(index)[0]
+
+    def _index(self, index: int) -> int:
         i = int(index)
         if i < 0:
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"story index {index} out of range for split {self.split!r} of {self.path}")
-        g = self._group()
-        story_id = _as_str(g["ids"][i]) if self._has_ids else f"{self.split}/{i}"
+        return i
 
+    def _story_id(self, g: h5py.Group, i: int) -> str:
+        return _as_str(g["ids"][i]) if self._has_ids else f"{self.split}/{i}"
+
+    def _error(self, i: int, story_id: str) -> Callable[[str, str], StoryDataError]:
         def err(reason: str, field: str) -> StoryDataError:
-            return StoryDataError(
-                reason, file=self.path, split=self.split, index=i, story_id=story_id, field=field
-            )
+            return StoryDataError(reason, file=self.path, split=self.split, index=i, story_id=story_id, field=field)
+
+        return err
+
+    def _frame_options(self, g: h5py.Group, i: int, j: int, err: Callable[[str, str], StoryDataError]
+                       ) -> list[np.ndarray]:
+        """Every candidate frame stored for position `j` of story `i`: a strip's frames, or the one image."""
+        key = f"image{j}"
+        frame = decode_png(g[key][i])
+        if frame is None:
+            raise err("PNG bytes cannot be decoded (cv2.imdecode failed)", key)
+        if self.frame_height and frame.shape[0] > self.frame_height:
+            try:
+                return split_strip(frame, self.frame_height)
+            except ValueError as e:
+                raise err(str(e), key) from e
+        return [frame]
+
+    def story_id(self, index: int) -> str:
+        """The id of story `index` (without decoding its frames)."""
+        return self._story_id(self._group(), self._index(index))
+
+    def frame_candidates(self, index: int) -> list[list[np.ndarray]]:
+        """Every frame `frame_choice` may pick, per position: ``[5][k_j]`` uint8 arrays (precomputed inputs)."""
+        i = self._index(index)
+        g = self._group()
+        err = self._error(i, self._story_id(g, i))
+        return [self._frame_options(g, i, j, err) for j in range(N_FRAMES)]
+
+    def read_story(self, index: int) -> tuple[Story, tuple[int, ...]]:
+        """Story `index` and, per position, the index of the candidate frame picked (0 where there is one)."""
+        i = self._index(index)
+        g = self._group()
+        story_id = self._story_id(g, i)
+        err = self._error(i, story_id)
 
         raw_text = g[self.text_key][i]
         try:
@@ -285,23 +325,16 @@ class HDF5Stories(Sequence):
                 f"expected {N_FRAMES} captions separated by '|', got {len(captions)}: {text!r}",
                 self.text_key,
             )
-        frames = []
+        frames, chosen = [], []
         for j in range(N_FRAMES):
-            key = f"image{j}"
-            frame = decode_png(g[key][i])
-            if frame is None:
-                raise err("PNG bytes cannot be decoded (cv2.imdecode failed)", key)
-            if self.frame_height and frame.shape[0] > self.frame_height:
-                try:
-                    options = split_strip(frame, self.frame_height)
-                except ValueError as e:
-                    raise err(str(e), key) from e
-                frame = options[pick_frame(len(options), self.frame_choice, f"{story_id}/{j}")]
-            frames.append(frame)
+            options = self._frame_options(g, i, j, err)
+            q = pick_frame(len(options), self.frame_choice, f"{story_id}/{j}") if len(options) > 1 else 0
+            frames.append(options[q])
+            chosen.append(q)
         labels = None
         if self.has_labels:
             labels = np.asarray(g["labels"][i], dtype=np.float32)
-        return Story(id=story_id, captions=captions, frames=frames, labels=labels)
+        return Story(id=story_id, captions=captions, frames=frames, labels=labels), tuple(chosen)
 
     def __iter__(self):
         for i in range(self._len):

@@ -224,6 +224,19 @@ class FlintstonesRawStories(Sequence[Story]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        return self.read_story(index)[0]
+
+    def story_id(self, index: int) -> str:
+        """The id of story `index` (its source clip's globalID), without loading a clip."""
+        return self._stories[self._index(index)][0]
+
+    def frame_candidates(self, index: int) -> list[list[np.ndarray]]:
+        """Every frame `frame_choice` may pick, per position: the frames of each clip (precomputed inputs)."""
+        i = self._index(index)
+        return [[np.ascontiguousarray(f) for f in self.clip(i, pos)] for pos in range(len(self._stories[i]))]
+
+    def read_story(self, index: int) -> tuple[Story, tuple[int, ...]]:
+        """Story `index` and, per position, the index of the frame picked from its clip."""
         i = self._index(index)
         gids = self._stories[i]
         sid = gids[0]
@@ -232,6 +245,7 @@ class FlintstonesRawStories(Sequence[Story]):
         captions: list[str] = []
         labels = np.zeros((len(gids), len(FLINTSTONES_CHARACTERS)), dtype=np.float32)
         frames: list[np.ndarray] = []
+        chosen: list[int] = []
         for pos, gid in enumerate(gids):
             desc = self._descriptions.get(gid)
             if not isinstance(desc, str):
@@ -257,7 +271,8 @@ class FlintstonesRawStories(Sequence[Story]):
             clip = self._load_clip(gid, pos, ctx)
             k = pick_frame(clip.shape[0], self.frame_choice, key=f"{sid}/{pos}")
             frames.append(np.ascontiguousarray(clip[k]))
-        return Story(id=sid, captions=captions, frames=frames, labels=labels)
+            chosen.append(k)
+        return Story(id=sid, captions=captions, frames=frames, labels=labels), tuple(chosen)
 
     def clip(self, index: int, position: int) -> np.ndarray:
         """The whole clip ``[5, 128, 128, 3]`` uint8 RGB behind frame `position` (0..4) of story `index`."""

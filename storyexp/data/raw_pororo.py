@@ -277,6 +277,16 @@ class PororoRawStories(Sequence):
         return arr
 
     def __getitem__(self, index: int) -> Story:  # type: ignore[override]
+        return self.read_story(index)[0]
+
+    def frame_candidates(self, index: int) -> list[list[np.ndarray]]:
+        """Every frame `frame_choice` may pick, per position: the frames of each strip (precomputed inputs)."""
+        i = self._index(index)
+        return [[np.ascontiguousarray(b) for b in split_strip(self.strip(i, j), FRAME_SIZE)]
+                for j in range(len(self._keys[i]))]
+
+    def read_story(self, index: int) -> tuple[Story, tuple[int, ...]]:
+        """Story `index` and, per position, the index of the frame picked from its strip."""
         i = self._index(index)
         keys = self._keys[i]
         sid = keys[0]
@@ -299,12 +309,14 @@ class PororoRawStories(Sequence):
                     "labels", self.root / "labels.npy",
                 )
             labels.append(vec)
-        frames = []
+        frames, chosen = [], []
         for j in range(len(keys)):
             blocks = split_strip(self.strip(i, j), FRAME_SIZE)
             q = pick_frame(len(blocks), self.frame_choice, key=f"{sid}/{j}")
             frames.append(np.ascontiguousarray(blocks[q]))
-        return Story(id=sid, captions=captions, frames=frames, labels=np.stack(labels).astype(np.float32))
+            chosen.append(q)
+        story = Story(id=sid, captions=captions, frames=frames, labels=np.stack(labels).astype(np.float32))
+        return story, tuple(chosen)
 
     def sentence_embeddings(self, index: int) -> np.ndarray:
         """float32 ``[5, 512]``: row ``[0]`` of ``descriptions_vec_512.pkl`` for each frame (as StoryDALL-E).

@@ -9,6 +9,8 @@ Tasks and callbacks use only this interface, never a concrete system:
     tokenize(captions)                                          the token ids the model reads
     trainable_parameter_names()                                 the trainable set
     checkpoint_extras() / load_checkpoint_extras(checkpoint)    what travels in a checkpoint besides weights
+    saved_frozen_prefixes() / frozen_sources()                  frozen parts a lean checkpoint keeps / the
+                                                                  pretrained files the rest is rebuilt from
     check_config(model_config)  (classmethod)                  the model's options, checked before building
 
 The shared lifecycle lives here once:
@@ -20,9 +22,15 @@ The shared lifecycle lives here once:
 - the eval-mode toggle while sampling, the caption-truncation warning, the predict output, the steps and their
   metrics (validation/test losses are story-weighted means kept in torchmetrics states, exact across processes),
   the strict state-dict check on load, AdamW + warm-up/decay;
-- `train.mode=lora` (`storyexp.systems.lora`): a subclass's `apply_mode` calls `add_lora`; checkpoints then hold only
-  `saved_state_keys()` (what trains, plus `lora_saved_frozen()`), checked strictly on load, the base rebuilt from the
-  config; sampling outside fitting merges the adapters (see the lora module for why not during fitting).
+- lean checkpoints, in every `train.mode`: a checkpoint holds `saved_state_keys()` (the trainable parameters, the
+  buffers and `saved_frozen_prefixes()`, frozen parts the config cannot rebuild) and, in `checkpoint["storyexp"]
+  ["frozen"]`, where the frozen rest comes from (`frozen_sources()`: the pretrained files, path + size + sha256) and one
+  sha256 of the frozen tensors as built (`frozen_digest`). On load the frozen parts are rebuilt from the config and
+  must hash to the record, else one ConfigurationError line; the saved keys are checked strictly.
+  `model.train.save_frozen=true` writes every key (a full dump, for someone without the pretrained files). Sharded
+  checkpoints (FSDP / DeepSpeed) keep their full shards: each rank writes its own, nothing is filtered;
+- `train.mode=lora` (`storyexp.systems.lora`): a subclass's `apply_mode` calls `add_lora`; sampling outside fitting
+  merges the adapters (see the lora module for why not during fitting); the frozen digest hashes the base unmerged.
 
 A subclass builds its networks in `__init__` (after `init_layout`) and implements `losses(batch, generators)`,
 `sample_stories(batch, captions, num_candidates, settings, generators)` and `tokenize(captions)`.
@@ -44,10 +52,15 @@ from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError
 from storyexp.systems import lora as lora_utils
 from storyexp.systems.schedules import IMPLS, configure_adamw
+from storyexp.utils.fingerprints import RECORD_KEY, file_record, short, tensors_sha256
 from storyexp.utils.loading import check_state_dict
 
 TASKS = ("continuation", "visualization")
 MAX_TRUNCATION_WARNINGS = 5
+FROZEN_RECORD = "frozen"  # checkpoint[RECORD_KEY][FROZEN_RECORD]: where a lean checkpoint's frozen parts come from
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")  # Lightning `strategy_name`s whose checkpoints are per-rank shards
+LOAD_HINT = ("load a checkpoint with the model.train options (mode, lora, freeze_*) and model sizes it was trained "
+             "with (a lean one, model.train.save_frozen=false, holds only what trains)")
 
 
 def story_seed(seed: int, story_id: str) -> int:
@@ -59,6 +72,29 @@ def story_seed(seed: int, story_id: str) -> int:
 def per_row(generators: Sequence[torch.Generator], rows_per_story: int) -> list[torch.Generator]:
     """Each story's generator repeated for its rows (rows story-major), for samplers that take one per row."""
     return [g for g in generators for _ in range(rows_per_story)]
+
+
+def has_frozen(module: torch.nn.Module) -> bool:
+    """Whether any parameter of `module` is frozen (its pretrained file is then a source of a lean checkpoint)."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def frozen_mismatch(checkpoint: str, record: dict[str, Any], rebuilt: str) -> str:
+    """The one-line refusal of a lean checkpoint whose frozen weights the config rebuilds differently: the recorded
+    sources (path + short sha256) and the fix."""
+    sources = [(key, f) for key, files in (record.get("sources") or {}).items() for f in files]
+    if sources:
+        where = "; ".join(f"model.{key}: {f['path']} (sha256 {short(f.get('sha256'))})" for key, f in sources)
+        keys = ", ".join(dict.fromkeys(f"model.{key}" for key, _ in sources))
+        fix = f"point {keys} at the files recorded"
+    else:
+        seed = record.get("network_seed")
+        where = f"no pretrained files, the seeded random init (model.network.seed={seed})"
+        fix = f"build them as trained (model.network.seed={seed}, the same sizes)"
+    return (f"{checkpoint} holds only what trains (model.train.save_frozen=false), but the frozen weights this config "
+            f"builds differ from the ones it was trained with (sha256 {short(rebuilt)}, recorded "
+            f"{short(record.get('sha256'))}; they came from {where}): {fix}, or use a full-dump checkpoint (trained "
+            "with model.train.save_frozen=true).")
 
 
 class StorySystem(L.LightningModule):
@@ -82,6 +118,11 @@ class StorySystem(L.LightningModule):
                                      f"of {cls.modes}.")
         if mode == "lora":
             lora_utils.check_lora_config((model.get("train") or {}).get("lora"))
+        save_frozen = (model.get("train") or {}).get("save_frozen", False)
+        if not isinstance(save_frozen, bool):
+            raise ConfigurationError(f"model.train.save_frozen={save_frozen!r} is not valid: it must be true (every "
+                                     "weight in the checkpoint) or false (what trains; the rest rebuilt from the "
+                                     "config).")
         impl = (model.get("optimizer") or {}).get("impl", "adamw")
         if impl not in IMPLS:
             raise ConfigurationError(f"model.optimizer.impl={impl!r} is not valid: it must be one of {IMPLS}.")
@@ -100,6 +141,7 @@ class StorySystem(L.LightningModule):
         self._eval_means = torch.nn.ModuleDict()
         self._lora = False  # set by `add_lora` (train.mode=lora)
         self._lora_merged = False
+        self._frozen_digest: str | None = None  # `frozen_digest`, computed once
         self.lora_merge_for_sampling = True  # False: sample with unmerged adapters (tests compare both)
 
     @property
@@ -116,28 +158,93 @@ class StorySystem(L.LightningModule):
         """train.mode=lora: peft adapters on `module`'s `train.lora.target_modules` linears (everything in
         `module` frozen but them). The caller then re-enables the parts that train fully."""
         lora_utils.inject_lora(module, (self.hparams.get("train") or {}).get("lora"), default_targets, where, exclude)
-        self._lora = True  # from here on checkpoints hold `saved_state_keys()` only (see `load_state_dict`)
-
-    def lora_saved_frozen(self) -> tuple[str, ...]:
-        """State-dict key prefixes a lora checkpoint keeps although they do not train: frozen parts the config
-        cannot rebuild (e.g. a stage-1 VQGAN fitted on the training data)."""
-        return ()
-
-    def saved_state_keys(self) -> set[str] | None:
-        """The state-dict keys a checkpoint holds: every key (None), or in train.mode=lora the trainable
-        parameters and `lora_saved_frozen()`. Matched through the parameters themselves, so wrappers that rename
-        parameters but not state-dict keys (activation checkpointing) do not matter."""
-        if not self._lora:
-            return None
-        keep = self.lora_saved_frozen()
-        return {key for key, value in self.state_dict(keep_vars=True).items()
-                if (isinstance(value, torch.nn.Parameter) and value.requires_grad) or (keep and key.startswith(keep))}
+        self._lora = True
 
     def set_lora_merged(self, merged: bool) -> None:
         """Fold the adapters into the base weights, or take them out (no-op without LoRA or when already so)."""
         if self._lora and self._lora_merged != merged:
+            if merged and not self.save_frozen:
+                self.frozen_digest()  # the base as built, before the adapters are folded into it
             lora_utils.set_merged(self, merged)
             self._lora_merged = merged
+
+    # ------------------------------------------------------------------------------------ lean checkpoints
+
+    def saved_frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict key prefixes a lean checkpoint keeps although they do not train: frozen parts the config
+        cannot rebuild (e.g. a stage-1 VQGAN fitted on the training data)."""
+        return ()
+
+    def frozen_sources(self) -> dict[str, list[str]]:
+        """{config key (e.g. "network.mindalle"): the files / folders the frozen parts are read from}: recorded with
+        their size and sha256 in a lean checkpoint, and named when a load rebuilds other frozen weights. Empty for
+        networks built from sizes (the seeded random init: `network.seed`)."""
+        return {}
+
+    @property
+    def save_frozen(self) -> bool:
+        """model.train.save_frozen: true writes every key (a full dump), false (default) a lean checkpoint."""
+        return bool((self.hparams.get("train") or {}).get("save_frozen", False))
+
+    def lean_state_keys(self) -> set[str]:
+        """What a lean checkpoint holds: the trainable parameters, every buffer (and extra state) and
+        `saved_frozen_prefixes()`. Matched through the parameters themselves, so wrappers that rename parameters
+        but not state-dict keys (activation checkpointing) do not matter."""
+        keep = self.saved_frozen_prefixes()
+        return {key for key, value in self.state_dict(keep_vars=True).items()
+                if not isinstance(value, torch.nn.Parameter) or value.requires_grad
+                or (keep and key.startswith(keep))}
+
+    def frozen_state_keys(self) -> list[str]:
+        """The state-dict keys a lean checkpoint leaves out (state-dict order): the frozen parameters the config
+        rebuilds."""
+        lean = self.lean_state_keys()
+        return [key for key in self.state_dict(keep_vars=True) if key not in lean]
+
+    def saved_state_keys(self) -> set[str] | None:
+        """The state-dict keys a checkpoint holds: `lean_state_keys()`, or every key (None) with
+        model.train.save_frozen=true."""
+        return None if self.save_frozen else self.lean_state_keys()
+
+    def frozen_digest(self) -> str:
+        """sha256 of the frozen tensors (`frozen_state_keys`: key, dtype, shape, bytes), computed once: the frozen
+        weights never change, and the first call comes before anything could alter them (`setup`, before
+        Lightning's precision plugin converts the weights; `set_lora_merged`, before the adapters are folded into
+        the base)."""
+        if self._frozen_digest is None:
+            state = self.state_dict()
+            self._frozen_digest = tensors_sha256((key, state[key]) for key in self.frozen_state_keys())
+        return self._frozen_digest
+
+    def frozen_record(self, lean: bool) -> dict[str, Any]:
+        """`checkpoint["storyexp"]["frozen"]`: {"saved": "lean" | "full"}, and for a lean checkpoint the frozen
+        tensors' sha256, the pretrained files they come from (`frozen_sources`) and `network.seed`."""
+        if not lean:
+            return {"saved": "full"}
+        sources = {key: [file_record(path) for path in paths] for key, paths in self.frozen_sources().items()}
+        seed = (self.hparams.get("network") or {}).get("seed")
+        return {"saved": "lean", "sha256": self.frozen_digest(), "sources": sources, "network_seed": seed}
+
+    def check_frozen_record(self, checkpoint: dict[str, Any]) -> None:
+        """A lean checkpoint's frozen parts, rebuilt from this config, must hash to its record."""
+        record = (checkpoint.get(RECORD_KEY) or {}).get(FROZEN_RECORD) or {}
+        if "sha256" not in record:  # a lean checkpoint from before the record existed (train.mode=lora)
+            warnings.warn("The checkpoint holds only what trains but no record of its frozen weights: they are "
+                          "rebuilt from the config unchecked.", stacklevel=2)
+            return
+        if record["sha256"] != self.frozen_digest():
+            raise ConfigurationError(frozen_mismatch(self._checkpoint_name(), record, self.frozen_digest()))
+
+    def _checkpoint_name(self) -> str:
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        return f"Checkpoint (ckpt_path) {path}" if path else "The checkpoint"
+
+    def _sharded(self) -> bool:
+        return self._trainer is not None and getattr(self._trainer.strategy, "strategy_name", "") in SHARDED_STRATEGIES
+
+    def setup(self, stage: str) -> None:
+        if not self.save_frozen:
+            self.frozen_digest()  # the weights as built: before precision plugins convert them
 
     # ------------------------------------------------------------------------------------ subclass hooks
 
@@ -263,35 +370,46 @@ class StorySystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.update(self.checkpoint_extras())
+        if "state_dict" not in checkpoint or self._sharded():
+            return  # FSDP / DeepSpeed: every rank writes its own shards of every key, kept whole
+        if self._lora_merged and self.save_frozen:  # a full dump holds the base as built, not base + adapters
+            self.set_lora_merged(False)
+            current = self.state_dict()
+            checkpoint["state_dict"] = {k: current[k] for k in checkpoint["state_dict"]}
         keys = self.saved_state_keys()
-        if keys is not None and "state_dict" in checkpoint:  # lora: the adapters (and what trains with them) only
+        if keys is not None:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        # a new dict: the model record callback's own dict (written before this hook) is not altered
+        record = self.frozen_record(lean=keys is not None)
+        checkpoint[RECORD_KEY] = {**(checkpoint.get(RECORD_KEY) or {}), FROZEN_RECORD: record}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """In train.mode=lora the base weights a checkpoint lacks are the config's, not missing: they are left out
-        of the reported missing keys (Lightning's `load_from_checkpoint` would warn about every one of them)."""
-        keys = self.saved_state_keys()
-        if keys is None:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """The frozen weights a lean checkpoint lacks are the config's, not missing: they are left out of the reported
+        missing keys (Lightning's `load_from_checkpoint` would warn about every one of them); the rest strictly."""
+        lean = self.lean_state_keys()
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if k in keys]
+        missing = [k for k in result.missing_keys if k in lean]
         if strict and (missing or result.unexpected_keys):
-            check_state_dict({k: v for k, v in self.state_dict().items() if k in keys}, state_dict, "State dict")
+            check_state_dict({k: v for k, v in self.state_dict().items() if k in lean}, state_dict, "State dict")
         return type(result)(missing, result.unexpected_keys)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.load_checkpoint_extras(checkpoint)
-        if "state_dict" not in checkpoint:  # FSDP / DeepSpeed load their shards themselves, strictly
+        state = checkpoint.get("state_dict")
+        if state is None:  # FSDP / DeepSpeed load their shards themselves, strictly
             return
-        target, hint = self.state_dict(), ""
-        keys = self.saved_state_keys()
-        if keys is not None:
-            self.set_lora_merged(False)  # the loaded adapters must not land on top of merged earlier ones
-            target = {k: v for k, v in target.items() if k in keys}
-            hint = ("a model.train.mode=lora checkpoint holds only the adapters and the parts that train with them: "
-                    "load it with the train.mode, train.lora options and model sizes it was trained with")
+        self.set_lora_merged(False)  # loaded weights must not land on top of merged adapters
+        frozen = self.frozen_state_keys()
+        target = self.state_dict()
+        what = "Checkpoint (ckpt_path)"
         # one line naming the problems, before Lightning's strict load would raise a long RuntimeError
-        check_state_dict(target, checkpoint.get("state_dict", {}), "Checkpoint (ckpt_path)", hint=hint)
+        if any(key in state for key in frozen):  # a full dump: every key, and its frozen weights replace the built ones
+            check_state_dict(target, state, what, hint=LOAD_HINT)
+            self._frozen_digest = tensors_sha256((k, state[k].to(target[k].dtype)) for k in frozen)
+            return
+        frozen_set = set(frozen)
+        check_state_dict({k: v for k, v in target.items() if k not in frozen_set}, state, what, hint=LOAD_HINT)
+        self.check_frozen_record(checkpoint)
 
     # ------------------------------------------------------------------------------------ scaling
 

@@ -7,8 +7,9 @@ call, so the UNet goes through it directly like the two GPT-style backbones.
 
 What trains besides the adapters is each system's decision (parts without pretrained weights: story block,
 cross-attention / condition layers, new character-token rows, frame-time embeddings); the system re-enables them
-after `inject_lora` froze everything else. The checkpoint keeps only what trains (`StorySystem.saved_state_keys`):
-the base is rebuilt from the config (`network`) when the checkpoint is loaded.
+after `inject_lora` froze everything else. The checkpoint keeps only what trains, as in every train.mode
+(`StorySystem.saved_state_keys`): the base is rebuilt from the config (`network`) when the checkpoint is loaded and
+checked against the checkpoint's record of it (`StorySystem.frozen_digest`, taken before any merge).
 
 Merging (`set_merged`): while a model is not being fitted (eval, sample, a direct `generate`), sampling folds the
 adapters into the base weights once (`W += scale * B A`) and they stay merged, so sampling costs what the base model

@@ -5,7 +5,9 @@ story-system contract, `storyexp.systems.base.StorySystem`: layout, per-story se
 - stage 1: story frames -> VQGAN codes (frozen, eval mode), optionally fitted on the training split on first use
   and cached (`network.stage1_fit`, the demo), loaded in `setup` so every process sees the same weights;
 - story sampling as codes, K candidates per story, autocast while sampling, uint8 frames for the callbacks;
-- the grown tokenizer travelling inside the checkpoint.
+- the grown tokenizer travelling inside the checkpoint;
+- precomputed stage-1 codes (`data.precompute=true`, `storyexp.systems.frozen_inputs`): `frozen_inputs` /
+  `frozen_key` say what is cached, `story_inputs` reads `batch["precomputed"]["codes"]` instead of encoding.
 
 A subclass builds `self.stage1` (a `storyexp.models.vqgan.VQGAN`) and its networks, and implements
 `losses(batch, generators)`, `sample_codes(batch, captions, num_candidates, settings, generators)`,
@@ -22,6 +24,7 @@ import torch
 
 from storyexp.errors import ConfigurationError
 from storyexp.systems.base import StorySystem
+from storyexp.systems.frozen_inputs import module_sha256, use_precomputed
 from storyexp.utils.images import minus_one_one, resize_uint8, uint8_from_zero_one
 
 AUTOCAST = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,8 +49,11 @@ class StoryTokenSystem(StorySystem):
     def on_train_epoch_start(self) -> None:
         self.stage1.eval()
 
-    def lora_saved_frozen(self) -> tuple[str, ...]:
-        # a stage 1 fitted on the training split (`network.stage1_fit`) cannot be rebuilt from the config, so a lora
+    def on_fit_start(self) -> None:
+        use_precomputed(self)  # data.precompute=true: cached stage-1 codes for the training split
+
+    def saved_frozen_prefixes(self) -> tuple[str, ...]:
+        # a stage 1 fitted on the training split (`network.stage1_fit`) cannot be rebuilt from the config, so a lean
         # checkpoint keeps it (eval / sample restore stage 1 from the checkpoint, `setup`)
         return ("stage1.",) if self._stage1_fit() is not None else ()
 
@@ -81,6 +87,7 @@ class StoryTokenSystem(StorySystem):
                           fingerprint=fingerprint, **{k: v for k, v in fit.items() if k != "cache"})
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the frozen digest of the weights as built (StorySystem.frozen_digest)
         fit = self._stage1_fit()
         if fit is None or stage != "fit":
             return  # eval/test/predict restore stage 1 from the checkpoint with everything else
@@ -88,6 +95,21 @@ class StoryTokenSystem(StorySystem):
 
         cache, _ = self._stage1_cache(fit)
         fitted = VQGAN.from_ckpt(cache, self.stage1.config)
+        self.stage1.load_state_dict(fitted.state_dict())
+        self.stage1.eval()
+
+    def prepare_frozen(self, datamodule, output_dir) -> None:
+        """Without a Trainer (task=precompute, benchmark): stage 1 as a training run on `datamodule` has it, the
+        fitted one for `network.stage1_fit` (fitted and cached first when missing), so the precomputed codes' key
+        is the training run's."""
+        fit = self._stage1_fit()
+        if fit is None:
+            return
+        from storyexp.systems.vqgan_training import load_or_fit_vqgan, stage1_cache
+
+        cache, fingerprint = stage1_cache(fit["cache"], datamodule, output_dir)
+        fitted, _ = load_or_fit_vqgan(cache, self.stage1.config, lambda: _split_frames(datamodule, "train"),
+                                      fingerprint=fingerprint, **{k: v for k, v in fit.items() if k != "cache"})
         self.stage1.load_state_dict(fitted.state_dict())
         self.stage1.eval()
 
@@ -102,6 +124,26 @@ class StoryTokenSystem(StorySystem):
         images = images.float().div(255.0) if self.frames_zero_one else minus_one_one(images)
         return self.stage1.get_codes(images).view(B, F, -1)
 
+    # ------------------------------------------------------------------------------------ precomputed codes
+
+    def frozen_inputs(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What a precomputed file holds per frame: the stage-1 codes, in the smallest integer type that fits."""
+        dtype = torch.int16 if int(self.stage1.config.n_embed) <= torch.iinfo(torch.int16).max + 1 else torch.int32
+        return {"codes": self.encode_frames(frames).to(dtype)}
+
+    def frozen_key(self) -> dict[str, Any]:
+        """What the codes depend on besides the frames (the record of a precomputed file)."""
+        return {"system": type(self).__name__, "arrays": ["codes"], "image_size": int(self.image_size),
+                "input_range": "[0, 1]" if self.frames_zero_one else "[-1, 1]",
+                "stage1_sha256": module_sha256(self.stage1)}
+
+    def _codes(self, batch: dict[str, Any], frames: torch.Tensor) -> torch.Tensor:
+        """[B, F, T] codes of `frames` (all 5, or frame 0): precomputed ones when the batch carries them."""
+        cached = (batch.get("precomputed") or {}).get("codes")
+        if cached is None:
+            return self.encode_frames(frames)
+        return cached[:, : frames.shape[1]].to(self.device, torch.long)
+
     def story_inputs(self, batch: dict[str, Any], captions: list[list[str]], targets: bool = True) -> dict[str, Any]:
         """Codes and caption ids of a batch: texts [B, L, N] (the subclass's `tokenize`), images [B, L, T] (the
         L target frames; None with `targets=False`, for sampling, which only needs frame 0), source_codes [B, T]
@@ -113,7 +155,7 @@ class StoryTokenSystem(StorySystem):
                 f"expected frames uint8 [B, {self.num_frames}, H, W, 3], got {tuple(frames.shape)} {frames.dtype}"
             )
         first = self.first_target
-        codes = self.encode_frames(frames if targets else frames[:, :1])
+        codes = self._codes(batch, frames if targets else frames[:, :1])
         texts = self.tokenize([c for story in captions for c in story[first:]])
         source_rows = None
         if self.task == "visualization":

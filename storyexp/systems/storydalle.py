@@ -17,6 +17,7 @@ loss; deterministic validation (no sampling noise in the loss).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from storyexp.errors import ConfigurationError
 from storyexp.models.mindalle.build import build_storydalle
 from storyexp.models.mindalle.tokenizer import pad_id, tokenizer_from_json, tokenizer_to_json, vocab_size
 from storyexp.models.sentence_encoders import build_sentence_encoder
+from storyexp.systems.base import has_frozen
 from storyexp.systems.story_tokens import TOKENIZER_KEY, StoryTokenSystem
 from storyexp.utils.images import uint8_from_zero_one
 
@@ -126,6 +128,21 @@ class StoryDalleSystem(StoryTokenSystem):
             self.net.stage2.tok_emb_txt.requires_grad_(True)
             if getattr(self.net.stage2, "head_txt", None) is not None:
                 self.net.stage2.head_txt.requires_grad_(True)
+
+    def frozen_sources(self) -> dict[str, list[str]]:
+        """Where the frozen parts come from (lean checkpoints): minDALL-E's stage1_last.ckpt (stage 1), its
+        stage2_last.ckpt when part of stage 2 stays frozen (prompt, lora), or `network.stage1_checkpoint` (sizes),
+        and a released StoryDALL-E checkpoint that overwrites them (`network.init_from_storydalle`)."""
+        network, sources = self.hparams.network, {}
+        if network.get("source", "pretrained") == "pretrained" and network.get("mindalle"):
+            folder = Path(str(network["mindalle"]))
+            names = ["stage1_last.ckpt"] + (["stage2_last.ckpt"] if has_frozen(self.net.stage2) else [])
+            sources["network.mindalle"] = [str(folder / name) for name in names]
+        elif network.get("stage1_checkpoint"):
+            sources["network.stage1_checkpoint"] = [str(network["stage1_checkpoint"])]
+        if network.get("init_from_storydalle"):
+            sources["network.init_from_storydalle"] = [str(network["init_from_storydalle"])]
+        return sources
 
     def block_modules(self) -> list[torch.nn.Module]:
         """`StoryDalleNet._run_blocks` runs a backbone block piecewise (attention, then cross-attention, then MLP)

@@ -20,6 +20,7 @@ import torch
 
 from storyexp.models.mega.build import build_storymega, weights_dtype
 from storyexp.models.mega.story import sample_story, story_loss, tokenizer_from_json, tokenizer_to_json
+from storyexp.systems.base import has_frozen
 from storyexp.systems.story_tokens import StoryTokenSystem
 from storyexp.utils.images import uint8_from_zero_one
 
@@ -104,6 +105,24 @@ class StoryMegaSystem(StoryTokenSystem):
                 if "condition" in name:
                     param.requires_grad_(True)
 
+    def frozen_sources(self) -> dict[str, list[str]]:
+        """Where the frozen parts come from (lean checkpoints): min-dalle's detoker.pt (the detokenizer), its
+        encoder.pt / decoder.pt when part of them stays frozen (condition_only, lora), the taming VQGAN that encodes
+        the source frame (`network.vqgan_encoder`), or `network.stage1_checkpoint` (sizes)."""
+        network, sources = self.hparams.network, {}
+        if network.get("source", "pretrained") == "pretrained":
+            from storyexp.models.mega.loading import resolve_files
+
+            files = resolve_files(str(network.get("min_dalle")))
+            parts = {"detokenizer": self.model.detokenizer, "encoder": self.model.encoder,
+                     "decoder": self.model.decoder}
+            sources["network.min_dalle"] = [str(files[role]) for role, part in parts.items()
+                                            if part is not None and has_frozen(part)]
+            sources["network.vqgan_encoder"] = [str(network.get("vqgan_encoder"))]
+        elif network.get("stage1_checkpoint"):
+            sources["network.stage1_checkpoint"] = [str(network["stage1_checkpoint"])]
+        return {key: paths for key, paths in sources.items() if paths}
+
     def block_modules(self) -> list[torch.nn.Module]:
         """The BART encoder and decoder layers (the condition attention lives inside its decoder layer)."""
         return [*self.model.encoder.layers, *self.model.decoder.layers]
@@ -142,7 +161,7 @@ class StoryMegaSystem(StoryTokenSystem):
             start_token=self.start_token, sampled_vocab=self.sampled_vocab,
             top_k=int(settings.get("top_k", 256)), temperature=float(settings.get("temperature", 1.0)),
             supercondition_factor=float(settings.get("supercondition_factor", 1.0)), generator=generators,
-            chain=bool(settings.get("chain", False)),
+            chain=bool(settings.get("chain", False)), skip_unconditional=bool(settings.get("skip_unconditional", True)),
         )
 
     @torch.no_grad()

@@ -6,6 +6,7 @@
     benchmark  time the model's training step and story sampling, and its peak memory    tasks/benchmark.py
     train_classifier  train (or check) the character classifier the test metrics use    tasks/train_classifier.py
     fid_stats  compute and cache a split's FID reference statistics                      tasks/fid_stats.py
+    precompute compute the frozen encoders' outputs of the training split once (data.precompute)  tasks/precompute.py
 
 Every task validates the whole config first (tasks/validate.py), writes its outputs into the run's output
 directory and returns the config's `optimized_metric` so Hydra sweepers can optimise it. A new task is one module
@@ -46,7 +47,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 # task name -> module under storyexp.tasks with a `run(cfg)` function (imported on use: sampling and
 # benchmarking pull in nothing that training needs)
 TASKS = {"train": "train", "eval": "evaluate", "sample": "sample", "benchmark": "benchmark",
-         "train_classifier": "train_classifier", "fid_stats": "fid_stats"}
+         "train_classifier": "train_classifier", "fid_stats": "fid_stats", "precompute": "precompute"}
 
 
 def run_task(cfg: DictConfig) -> float | None:

@@ -16,6 +16,15 @@ Writes `<output_dir>/benchmark.json` and prints a table:
     peak_memory_gb        CUDA: peak allocated; CPU: peak resident set size of the process
     params_total, params_trainable
 
+With ``benchmark.precompute=true`` the run then computes the precomputed frozen inputs of the training split
+(`storyexp.systems.frozen_inputs`; kept when a matching file exists, at the place ``data.precompute_path`` /
+``data.precompute_dir`` name) and times `benchmark.warmup` + `benchmark.steps` more batches twice each, a live
+step then a cached step on the same batch (alternating, so both see the same machine load), and reports:
+    train_step_live_s     median seconds per optimizer step encoding the frames live
+    train_step_cached_s   median seconds per optimizer step on the precomputed inputs
+    precompute_speedup    train_step_live_s / train_step_cached_s
+    precompute_s          seconds it took to compute the file (0 when a matching one existed)
+
 Lightning's Trainer loop (callbacks, logging, checkpointing) is deliberately left out: it measures the model.
 """
 
@@ -79,37 +88,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    batches = iter(datamodule.train_dataloader())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    times = []
-    with warnings.catch_warnings():  # training_step logs through self.log; there is no Trainer here
-        warnings.filterwarnings("ignore", message=r".*self.trainer` reference is not registered.*")
-        warnings.filterwarnings("ignore", message=r".*You are trying to `self.log\(\)`.*")
-        for i in range(warmup + steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(datamodule.train_dataloader())
-                batch = next(batches)
-            batch = to_device(batch, device)
-            _sync(device)
-            start = time.perf_counter()
-            with autocast:
-                loss = model.training_step(batch, i)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-
+    times, batch = time_training_steps(model, optimizer, datamodule, device, autocast, warmup, steps)
     stories = int(batch["frames"].shape[0])
     results: dict[str, float] = {
         "benchmark/train_step_s": statistics.median(times),
         "benchmark/train_stories_per_s": stories / statistics.median(times),
     }
+    if bool(opts.get("precompute", False)):
+        results.update(time_precomputed_steps(cfg, model, optimizer, datamodule, device, autocast, warmup, steps))
     if sample_batches:
         model.eval()
         sample_times, frames = [], 0
@@ -129,6 +118,74 @@ def run(cfg: DictConfig) -> dict[str, float]:
     results["benchmark/params_trainable"] = float(sum(p.numel() for p in params))
     write_report(cfg, results, device, precision)
     return results
+
+
+def _batches(datamodule, device: torch.device):
+    """Training batches on `device`, epoch after epoch."""
+    while True:
+        for batch in datamodule.train_dataloader():
+            yield to_device(batch, device)
+
+
+def _timed_step(model, optimizer, batch: dict[str, Any], index: int, device: torch.device, autocast) -> float:
+    """Seconds of one optimizer step (forward, backward, update) of the system's own training_step."""
+    _sync(device)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # training_step logs through self.log; there is no Trainer here
+        warnings.filterwarnings("ignore", message=r".*self.trainer` reference is not registered.*")
+        warnings.filterwarnings("ignore", message=r".*You are trying to `self.log\(\)`.*")
+        with autocast:
+            loss = model.training_step(batch, index)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_training_steps(model, optimizer, datamodule, device: torch.device, autocast, warmup: int, steps: int
+                        ) -> tuple[list[float], dict[str, Any]]:
+    """Seconds of each of `steps` optimizer steps after `warmup` untimed ones, and the last batch."""
+    batches, times = _batches(datamodule, device), []
+    for i in range(warmup + steps):
+        batch = next(batches)
+        seconds = _timed_step(model, optimizer, batch, i, device, autocast)
+        if i >= warmup:
+            times.append(seconds)
+    return times, batch
+
+
+def time_precomputed_steps(cfg: DictConfig, model, optimizer, datamodule, device: torch.device, autocast,
+                           warmup: int, steps: int) -> dict[str, float]:
+    """Live and precomputed steps on the same batches, alternating (both see the same machine load): their medians
+    and the speed-up. The precomputed file is computed first when missing."""
+    from storyexp.systems.frozen_inputs import attach, ensure_precomputed
+
+    if not callable(getattr(model, "frozen_inputs", None)):
+        raise ConfigurationError(f"benchmark.precompute=true, but {cfg.model.get('_target_')} has no frozen inputs "
+                                 "to precompute: set benchmark.precompute=false")
+    start = time.perf_counter()
+    _, computed = ensure_precomputed(model, datamodule, cfg.paths.output_dir)
+    precompute_s = time.perf_counter() - start if computed else 0.0
+    attach(model, datamodule, cfg.paths.output_dir)
+    model.train()
+    live, cached = [], []
+    try:
+        batches = _batches(datamodule, device)
+        for i in range(warmup + steps):
+            batch = next(batches)
+            without = {k: v for k, v in batch.items() if k != "precomputed"}
+            pair = (_timed_step(model, optimizer, without, i, device, autocast),
+                    _timed_step(model, optimizer, batch, i, device, autocast))
+            if i >= warmup:
+                live.append(pair[0])
+                cached.append(pair[1])
+    finally:
+        datamodule.detach_precomputed()
+    return {"benchmark/train_step_live_s": statistics.median(live),
+            "benchmark/train_step_cached_s": statistics.median(cached),
+            "benchmark/precompute_speedup": statistics.median(live) / statistics.median(cached),
+            "benchmark/precompute_s": precompute_s}
 
 
 def write_report(cfg: DictConfig, results: dict[str, float], device: torch.device, precision: str) -> Path:

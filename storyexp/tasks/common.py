@@ -217,8 +217,15 @@ def use_checkpoint_model(cfg: DictConfig, path: str) -> str | None:
 
 
 def check_resume_model(cfg: DictConfig, path: str) -> None:
-    """Resuming (`task=train ckpt_path=...`) with another model than the checkpoint's is one error."""
-    record = read_checkpoint(path).get(RECORD_KEY)
+    """Resuming (`task=train ckpt_path=...`) with another model than the checkpoint's, or from a weights-only
+    checkpoint (no optimizer state: `trainer.save_checkpoint(..., weights_only=True)`), is one error."""
+    checkpoint = read_checkpoint(path)
+    if not sharded.sharded_kind(path) and "optimizer_states" not in checkpoint:
+        raise ConfigurationError(
+            f"ckpt_path {path} holds weights only (no optimizer or loop state), so training cannot resume from it: "
+            "pass a checkpoint the run's callbacks wrote (checkpoints/last.ckpt, latest_step_*.ckpt, preempted.ckpt, "
+            "or ckpt_path=last), or evaluate it with task=eval ckpt_path=...")
+    record = checkpoint.get(RECORD_KEY)
     trained, now = (record or {}).get("model"), model_choice(cfg)
     if trained and now and trained != now:
         raise ConfigurationError(f"ckpt_path {path} holds a model={trained} checkpoint; this run builds model={now}. "

@@ -72,6 +72,7 @@ def validate_config(cfg: DictConfig) -> None:
         _require(_is_int(data["num_workers"]) and data["num_workers"] >= 0, "data.num_workers", data["num_workers"],
                  "an integer >= 0")
     _check_eval(resolved.get("eval") or {})
+    _check_precompute(resolved)
     model = cfg.get("model")
     if model is not None and "_target_" in model:
         check = getattr(get_class(str(model._target_)), "check_config", None)
@@ -96,6 +97,20 @@ def _check_eval(ev: dict[str, Any]) -> None:
         value = val.get(key)
         if value is not None:
             _require(_is_int(value) and value >= 0, f"eval.val_metrics.{key}", value, "an integer >= 0 or null")
+
+
+def _check_precompute(resolved: dict[str, Any]) -> None:
+    """The precomputed-inputs switches (storyexp.systems.frozen_inputs) and task=precompute's options."""
+    data, bench, task = resolved.get("data") or {}, resolved.get("benchmark") or {}, resolved.get("precompute") or {}
+    for key, value in (("data.precompute", data.get("precompute", False)),
+                       ("benchmark.precompute", bench.get("precompute", False)),
+                       ("precompute.force", task.get("force", False))):
+        _require(isinstance(value, bool), key, value, "true or false")
+    path = data.get("precompute_path")
+    _require(path is None or (isinstance(path, str) and path.endswith((".h5", ".hdf5"))), "data.precompute_path",
+             path, "null or the path of an HDF5 file (.h5)")
+    device = task.get("device", "auto")
+    _require(device in ("auto", "cpu", "cuda"), "precompute.device", device, "one of auto, cpu, cuda")
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:

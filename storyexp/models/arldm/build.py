@@ -212,7 +212,9 @@ class ARLDMBuilder(NetworkBuilder[ARLDMComponents, ARLDMComponents]):
         options = {k: v for k, v in network.items() if k not in chosen}
         unknown = [k for k in options if k not in PRETRAINED_OPTIONS]
         if unknown:
-            raise unknown_key_error("model.network", unknown, [*chosen[1:], *PRETRAINED_OPTIONS], what="option",
+            raise unknown_key_error("model.network", unknown, [*PRETRAINED_KEYS, "init_from_original",
+                                                               "original_name_tokens", *PRETRAINED_OPTIONS],
+                                    what="option",
                                     context="source: pretrained")
         absent = [k for k in PRETRAINED_KEYS if k not in network]
         if absent:

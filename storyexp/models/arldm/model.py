@@ -133,6 +133,11 @@ def _randint(high, shape, generator, device) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=generator, device=gen_device).to(device)
 
 
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first parameter (what its outputs are computed in), float32 without parameters."""
+    return next((p.dtype for p in module.parameters()), torch.float32)
+
+
 def check_attention_processors(unet: UNet2DConditionModel) -> None:
     """Refuse attention processors that might drop the cross-attention mask (future frames would leak)."""
     for name, proc in unet.attn_processors.items():
@@ -316,22 +321,48 @@ class ARLDM(nn.Module):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        posterior_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+        caption_embeds: torch.Tensor | None = None,
+        source_embeds: torch.Tensor | None = None,
+        null_caption: torch.Tensor | None = None,
+        null_source: torch.Tensor | None = None,
     ) -> TrainingStepOutput:
         """One teacher-forced training step (ε-prediction MSE). Shapes: see the module docstring.
 
         Random draws (each injectable, else drawn from ``generator``): ``cfg_rows`` [B*V] bool (each row replaced
         by the unconditional context with probability ``cfg_prob``), ``posterior_eps`` (VAE posterior sample =
         mean + std * eps), ``noise`` and ``timesteps`` [B*V] (uniform over the training schedule).
+        ``posterior_moments``: the frozen VAE's (mean, std) [B*V, C, h, w] of ``images``, precomputed; the VAE is
+        then not run (the eps is drawn the same way, so the step is the same).
+        ``caption_embeds`` [B*V, S, D] / ``source_embeds`` [B*src_V, S, D]: a wholly frozen CLIP's states of the
+        target captions / a wholly frozen BLIP's states of the source frames (what :meth:`encode_batch` returns),
+        precomputed; that encoder is then not run on the batch (``source_images`` may be None with
+        ``source_embeds``). ``null_caption`` / ``null_source`` [1, S, D]: the (constant) null embeddings of a
+        frozen encoder, computed once instead of every step. Each one given replaces exactly its live
+        computation, in the same order, so the live path is unchanged.
         """
         b, v = captions.shape[:2]
         n = b * v
         device = images.device
         self._check_lengths(captions, source_caption)
 
-        caption_embeds, source_embeds = self.encode_batch(
-            captions, attention_mask, source_images, source_caption, source_attention_mask
-        )
-        null_caption, null_source = self.null_embeddings()
+        s = captions.shape[-1]
+        if caption_embeds is None:  # the order of the encoder calls is encode_batch's, then null_embeddings'
+            caption_embeds = self.encode_captions(captions.reshape(-1, s), attention_mask.reshape(-1, s))
+        else:
+            caption_embeds = caption_embeds.to(device=device, dtype=_param_dtype(self.text_encoder))
+        if source_embeds is None:
+            if source_images is None:
+                raise ValueError("source_images are needed unless source_embeds are given")
+            source_embeds = self.encode_history(
+                source_images.flatten(0, 1), source_caption.reshape(-1, s), source_attention_mask.reshape(-1, s)
+            )
+        else:
+            source_embeds = source_embeds.to(device=device, dtype=_param_dtype(self.mm_encoder))
+        if null_caption is None:
+            null_caption = self.encode_captions(self.clip_text_null_token, None)
+        if null_source is None:
+            null_source = self.encode_history(self.blip_image_null_token, self.blip_text_null_token, None)
         if cfg_rows is None:
             cfg_rows = _rand((n,), generator, device) < cfg_prob
         cfg_rows = cfg_rows.to(device=device, dtype=torch.bool).reshape(n)
@@ -348,8 +379,11 @@ class ARLDM(nn.Module):
         blocked = context_mask(attention_mask, source_attention_mask, cfg_rows)
 
         with torch.no_grad():
-            posterior = self.vae.encode(images.flatten(0, 1).to(self.vae_dtype)).latent_dist
-            mean, std = posterior.mean, posterior.std
+            if posterior_moments is None:
+                posterior = self.vae.encode(images.flatten(0, 1).to(self.vae_dtype)).latent_dist
+                mean, std = posterior.mean, posterior.std
+            else:
+                mean, std = (m.to(device=device, dtype=self.vae_dtype) for m in posterior_moments)
             if posterior_eps is None:
                 posterior_eps = randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
             latents = (mean + std * posterior_eps.to(mean)) * self.latent_scale_factor

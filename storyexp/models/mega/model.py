@@ -28,7 +28,7 @@ from .decoder import DalleBartDecoder
 from .detokenizer import DetokenizerConfig, VQGanDetokenizer
 from .encoder import DalleBartEncoder
 from .loading import load_checked, read_state_dict, resolve_files
-from .sampling import START_TOKEN, sample_image_tokens
+from .sampling import START_TOKEN, needs_unconditional, sample_image_tokens
 from .tokenizer import PAD_ID, MegaTokenizer
 
 CONDITION_KEYS = ("pre_condition_attn_layer_norm.", "condition_attn.", "condition_attn_layer_norm.", "condition_gate")
@@ -141,6 +141,7 @@ class MegaDalle(nn.Module):
         seed: int | None = None,
         condition_state: Tensor | None = None,
         condition_mask: Tensor | None = None,
+        skip_unconditional: bool = True,
     ) -> Tensor:
         """min-dalle's sampler for caption ids [B, T] -> image tokens [B, image_token_count].
 
@@ -149,19 +150,21 @@ class MegaDalle(nn.Module):
         seed > 0: draw from a fresh generator seeded with it, which yields the same stream as the original's
         `torch.manual_seed(seed)` without touching the global RNG; otherwise `generator` (None = global RNG).
         condition_state [B, S, D] / condition_mask [B, S]: given to both halves (only the text is dropped in the
-        unconditional rows).
+        unconditional rows). `skip_unconditional`: at factor 1 the unconditional half, multiplied by zero, is not
+        computed (`sampling.needs_unconditional`); the tokens are the same.
         """
         if seed is not None and seed > 0:
             generator = torch.Generator(device=ids.device).manual_seed(int(seed))
-        text = torch.cat([unconditional_ids(ids), ids], dim=0)
+        halves = needs_unconditional(supercondition_factor, skip_unconditional)
+        text = torch.cat([unconditional_ids(ids), ids], dim=0) if halves else ids
         state = self.encoder(text)
-        if condition_state is not None:
+        if condition_state is not None and halves:
             condition_state = condition_state.repeat(2, 1, 1)
             condition_mask = None if condition_mask is None else condition_mask.repeat(2, 1)
         return sample_image_tokens(
             self.decoder, state, text != PAD_ID, top_k=top_k, temperature=temperature,
             supercondition_factor=supercondition_factor, generator=generator,
-            condition_state=condition_state, condition_mask=condition_mask,
+            condition_state=condition_state, condition_mask=condition_mask, unconditional=halves,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ pixels

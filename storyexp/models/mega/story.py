@@ -24,7 +24,7 @@ from storyexp.models.draws import Generators, rand
 from storyexp.models.story_frames import sample_story_frames
 
 from .model import MegaDalle, unconditional_ids
-from .sampling import sample_image_tokens
+from .sampling import needs_unconditional, sample_image_tokens
 from .tokenizer import PAD_ID, WORD_START, MegaTokenizer
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # BART's ids 0..3; pad must be 1 (min-dalle pads with ones)
@@ -85,18 +85,22 @@ def story_loss(model: MegaDalle, texts: Tensor, images: Tensor, source_codes: Te
 @torch.no_grad()
 def sample_story(model: MegaDalle, texts: Tensor, source_codes: Tensor | None, *, start_token: int,
                  sampled_vocab: int, top_k: int, temperature: float = 1.0, supercondition_factor: float = 1.0,
-                 generator: Generators = None, chain: bool = False) -> Tensor:
-    """Codes [B, L, T] for texts [B, L, N]; see `storyexp.models.story_frames` for the frame order."""
+                 generator: Generators = None, chain: bool = False, skip_unconditional: bool = True) -> Tensor:
+    """Codes [B, L, T] for texts [B, L, N]; see `storyexp.models.story_frames` for the frame order.
+    `skip_unconditional`: at factor 1 the unconditional half is not computed (`sampling.needs_unconditional`)."""
     B, L, N = texts.shape
+    halves = needs_unconditional(supercondition_factor, skip_unconditional)
 
     def draw(frames: list[int], source: Tensor | None) -> Tensor:
         ids = texts[:, frames].reshape(B * len(frames), N)
-        both = torch.cat([unconditional_ids(ids), ids], dim=0)
-        cond = None if source is None else condition_embeddings(model, source, len(frames)).repeat(2, 1, 1)
+        text = torch.cat([unconditional_ids(ids), ids], dim=0) if halves else ids
+        cond = None if source is None else condition_embeddings(model, source, len(frames))
+        if cond is not None and halves:
+            cond = cond.repeat(2, 1, 1)
         codes = sample_image_tokens(
-            model.decoder, model.encode_text(both), both != PAD_ID, top_k=top_k, temperature=temperature,
+            model.decoder, model.encode_text(text), text != PAD_ID, top_k=top_k, temperature=temperature,
             supercondition_factor=supercondition_factor, generator=generator, start_token=start_token,
-            sampled_vocab=sampled_vocab, condition_state=cond,
+            sampled_vocab=sampled_vocab, condition_state=cond, unconditional=halves,
         )
         return codes.view(B, len(frames), -1)
 
