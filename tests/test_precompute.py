@@ -361,3 +361,19 @@ def test_precomputed_rows_of_other_stories_are_refused(tmp_path):
     assert str(path) in str(err.value) and "task=precompute" in str(err.value)
     with pytest.raises(StoryDataError, match="outside the stored candidates"):
         arrays.arrays(1, story_id, (99,) * 5)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_cache_fingerprints_of_a_randomly_read_split_are_stable(source):
+    """The classifier and stage-1 caches fingerprint the training split (`data_fingerprint`): over every candidate
+    frame, so a split read with frame_choice=random fingerprints the same on every call, and taking it leaves
+    NumPy's generator (which picks the frames) where it was."""
+    from storyexp.utils.cache import data_fingerprint
+
+    dm = source_module(source)
+    np.random.seed(1)
+    first = data_fingerprint(dm, splits=("train", "val"))
+    assert np.random.randint(1 << 30) == np.random.RandomState(1).randint(1 << 30)  # the generator did not move
+    assert data_fingerprint(dm, splits=("train", "val")) == first
+    story = dm.stories("train")[0]
+    assert len(dm.fingerprint_stories("train")[0].frames) > len(story.frames)  # every candidate, not the drawn one

@@ -209,8 +209,8 @@ class _AllCandidates(Sequence):
     def __getitem__(self, i: int) -> Story:  # type: ignore[override]
         story = self.stories[i]
         _, candidates = story_candidates(self.stories, i)
-        story.frames = [f for options in candidates for f in options]
-        return story
+        # a new record: a reader that keeps its stories in memory must not see its frames replaced
+        return Story(story.id, list(story.captions), [f for options in candidates for f in options], story.labels)
 
 
 def _reader(stories: Sequence) -> Sequence:
@@ -741,6 +741,11 @@ class StoryDataModule(L.LightningDataModule):
         """The (limited) ``Story`` sequence of a split, e.g. for sampling or metrics."""
         return self._dataset(split).stories
 
+    def fingerprint_stories(self, split: str) -> Sequence[Story]:
+        """`stories(split)` with every candidate frame of each story in `frames`: what cache fingerprints read
+        (`storyexp.utils.cache.data_fingerprint`), the same on every call whatever `frame_choice` picks."""
+        return _AllCandidates(self.stories(split))
+
     # -- precomputed inputs ---------------------------------------------------------------------------------
 
     def candidate_frames(self, split: str, index: int) -> tuple[str, list[list[np.ndarray]]]:
@@ -752,12 +757,8 @@ class StoryDataModule(L.LightningDataModule):
         """`storyexp.utils.cache.data_fingerprint` of `split` over every candidate frame (not the randomly picked
         one: the same on every call), with the frame geometry batches get. NumPy's global generator is left as it
         was, so computing the key does not move the random frame choice of the training run."""
-        state = np.random.get_state()
-        try:
-            view = _FingerprintView(self.name, self.path, _AllCandidates(self.stories(split)), self._limit_for(split))
-            fingerprint = data_fingerprint(view, splits=("train",), samples=samples)
-        finally:
-            np.random.set_state(state)
+        view = _FingerprintView(self.name, self.path, self.fingerprint_stories(split), self._limit_for(split))
+        fingerprint = data_fingerprint(view, splits=("train",), samples=samples)  # leaves NumPy's generator as it was
         fingerprint["split"] = split
         fingerprint["frame_size"] = self.frame_size
         fingerprint["frame_fit"] = self.frame_fit

@@ -238,16 +238,28 @@ def _sample_indices(n: int, samples: int) -> list[int]:
 def data_fingerprint(datamodule: Any, splits: Sequence[str] = ("train", "val"), samples: int = 8) -> dict[str, Any]:
     """Fingerprint of the stories a datamodule gives for ``splits`` (``train`` / ``val`` / ``test``).
 
-    Reads ``len`` of each split and up to ``samples`` stories spread evenly over it (``datamodule.stories``), so
-    it costs a few story reads whatever the dataset's size. ``limited`` is true when a ``limit_<split>`` of one
-    of ``splits`` is set (``datamodule.limits``).
+    Reads ``len`` of each split and up to ``samples`` stories spread evenly over it, so it costs a few story reads
+    whatever the dataset's size. ``limited`` is true when a ``limit_<split>`` of one of ``splits`` is set
+    (``datamodule.limits``). The stories are ``datamodule.fingerprint_stories(split)`` where the data module has it
+    (every candidate frame of a story, so a split read with ``frame_choice=random`` fingerprints the same on every
+    call), else ``datamodule.stories(split)``; NumPy's global generator is left as it was (a random frame choice
+    must not move because a fingerprint was taken).
     """
+    state = np.random.get_state()
+    try:
+        return _data_fingerprint(datamodule, splits, samples)
+    finally:
+        np.random.set_state(state)
+
+
+def _data_fingerprint(datamodule: Any, splits: Sequence[str], samples: int) -> dict[str, Any]:
     h = hashlib.sha256()
     sizes: dict[str, int] = {}
     limits = dict(getattr(datamodule, "limits", {}) or {})
+    read = getattr(datamodule, "fingerprint_stories", None) or datamodule.stories
     for split in splits:
         name = getattr(datamodule, f"{split}_split", split)
-        stories = datamodule.stories(name)
+        stories = read(name)
         n = len(stories)
         sizes[split] = n
         h.update(f"|split {split} {n}|".encode())
