@@ -26,6 +26,11 @@ step then a cached step on the same batch (alternating, so both see the same mac
     precompute_s          seconds it took to compute the file (0 when a matching one existed)
 
 Lightning's Trainer loop (callbacks, logging, checkpointing) is deliberately left out: it measures the model.
+
+With ``benchmark.suite=<name>`` (conf/benchmark_suite/<name>.yaml, e.g. ``cpu``) the run measures a list of cases
+instead, each composing its own config, and times every switch (e.g. ``model.network.fused_attention``,
+``data.precompute``) against its switched-off baseline in interleaved repetitions (``benchmark.repeats``):
+`storyexp.tasks.benchmark_suite`, which writes benchmark.json and benchmark.md.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
+    if cfg.benchmark.get("suite") is not None:
+        from storyexp.tasks import benchmark_suite
+
+        return benchmark_suite.run(cfg)
     datamodule, model = build_data_and_model(cfg)
     opts = cfg.benchmark
     steps, warmup, sample_batches = int(opts.steps), int(opts.warmup), int(opts.sample_batches)

@@ -1,8 +1,9 @@
 """The whole config is checked before anything heavy is built: every mistake is one line naming key, value and fix.
 
-What is checked here: that the config resolves, the trainer's run-length / device / precision keys, the data
-loader sizes, `seed`, and the model's own options through its system's `check_config` (the story-system contract,
-`storyexp.systems.base.StorySystem.check_config`), located from `model._target_` without building anything.
+What is checked here: that the config resolves, the trainer's run-length / device / precision keys, the data loader
+sizes, `seed`, task=benchmark's suite options (`benchmark.suite` names a suite file), and the model's own options
+through its system's `check_config` (the story-system contract, `storyexp.systems.base.StorySystem.check_config`),
+located from `model._target_` without building anything.
 Lightning and the systems would reject most of these too, but only after data and weights are loaded, and with a
 traceback.
 """
@@ -73,6 +74,7 @@ def validate_config(cfg: DictConfig) -> None:
                  "an integer >= 0")
     _check_eval(resolved.get("eval") or {})
     _check_precompute(resolved)
+    _check_benchmark(resolved)
     model = cfg.get("model")
     if model is not None and "_target_" in model:
         check = getattr(get_class(str(model._target_)), "check_config", None)
@@ -111,6 +113,23 @@ def _check_precompute(resolved: dict[str, Any]) -> None:
              path, "null or the path of an HDF5 file (.h5)")
     device = task.get("device", "auto")
     _require(device in ("auto", "cpu", "cuda"), "precompute.device", device, "one of auto, cpu, cuda")
+
+
+def _check_benchmark(resolved: dict[str, Any]) -> None:
+    """task=benchmark's suite options (storyexp/tasks/benchmark_suite.py); the suite file itself is checked when
+    the benchmark task runs."""
+    bench = resolved.get("benchmark") or {}
+    for key in ("repeats", "loader_batches", "fid_frames"):
+        if key in bench:
+            _require(_is_int(bench[key]) and bench[key] >= 1, f"benchmark.{key}", bench[key], "an integer >= 1")
+    suite = bench.get("suite")
+    if suite is not None:
+        _require(isinstance(suite, str) and suite != "", "benchmark.suite", suite,
+                 "null or a suite name (conf/benchmark_suite/) or a .yaml path")
+        if resolved.get("task") == "benchmark":
+            from storyexp.tasks.benchmark_suite import suite_path
+
+            suite_path(suite)
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:

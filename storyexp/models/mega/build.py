@@ -14,6 +14,9 @@ to the tokenizer's size when that is larger (the original resized twice, leaving
 dtype the encoder and decoder are kept in; min-dalle distributes them in float16, so float16 keeps them as
 distributed at half the memory. Stage 1 (the taming encoder, the detokenizer) stays float32 whatever it is.
 
+`fused_attention` (default true): every attention (encoder, decoder, condition, taming encoder, detokenizer / stage-1
+decoder) runs through torch's scaled_dot_product_attention; false: min-dalle's and taming's explicit matmul + softmax.
+
     built = build_storymega(network, story, characters)
     built = StoryMegaBuilder(story, characters).build(network)   # the same
 """
@@ -30,6 +33,7 @@ import torch
 from storyexp.errors import ConfigurationError
 from storyexp.models.sources import NetworkBuilder, network_seed
 from storyexp.models.vqgan import VQGAN, VQGANConfig, build_stage1
+from storyexp.models.vqgan.build import fused_attention, set_fused_attention
 from storyexp.utils.loading import UnreadableFileError, load_file
 
 from .config import MegaSizes
@@ -113,6 +117,9 @@ class StoryMegaBuilder(NetworkBuilder[StoryMegaComponents, StoryMegaComponents])
 
     def finish(self, parts: StoryMegaComponents, network: dict[str, Any]) -> StoryMegaComponents:
         model = parts.model
+        fused = fused_attention(network)
+        set_fused_attention(model, fused)  # encoder, decoder and the detokenizer
+        set_fused_attention(parts.stage1, fused)
         model.tokenizer.add_tokens(list(self.characters))
         rows = model.encoder.embed_tokens.num_embeddings
         if model.tokenizer.vocab_size > rows:

@@ -9,6 +9,12 @@ were produced with it:
 - GLU: `fc2(ln1(gelu(fc0(ln0 z)) * fc1(ln0 z)))`, bias-free linears, exact GELU;
 - "sandwich" norms: every attention sublayer is `x + ln_post(attn(ln_pre(x)))`; the GLU carries its own norms.
 
+Fused attention: `MegaAttention(fused=True)` (the default; `model.network.fused_attention`) runs the same arithmetic
+through torch's `F.scaled_dot_product_attention`: the queries are still divided by sqrt(C) first (SDPA then gets
+scale 1), and the key mask is passed as the same *float* additive bias `(1 - mask) * -1e12`, so a fully masked row
+still averages the values uniformly as in min-dalle (a bool mask would give NaN there). `fused=False` is min-dalle's
+einsum + softmax. The two agree to float rounding (tests/test_fused_attention.py).
+
 Attribute names equal min-dalle's, so `state_dict()` keys equal the converted files' keys.
 
 Condition attention (StoryDALL-E): on the decoder layers where (i+1) % 3 == 0, a third sandwich attention after the
@@ -39,13 +45,18 @@ def key_mask(mask: Tensor | None) -> Tensor | None:
 
 
 class MegaAttention(nn.Module):
-    """Multi-head attention with bias-free projections (keys `{q,k,v,out}_proj.weight`)."""
+    """Multi-head attention with bias-free projections (keys `{q,k,v,out}_proj.weight`).
 
-    def __init__(self, heads: int, dim: int):
+    fused: True = `F.scaled_dot_product_attention`, False = min-dalle's einsum + softmax (module docstring)."""
+
+    has_fused_switch = True  # `storyexp.models.vqgan.layers.set_fused_attention` switches it
+
+    def __init__(self, heads: int, dim: int, fused: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"{heads} attention heads do not divide the model width {dim}")
         self.heads = heads
+        self.fused = fused
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -61,6 +72,11 @@ class MegaAttention(nn.Module):
         k = keys.reshape(*keys.shape[:2], self.heads, -1)
         v = values.reshape(*values.shape[:2], self.heads, -1)
         q = q / q.shape[-1] ** 0.5
+        if self.fused:
+            bias = None if mask is None else mask_bias(mask, q.dtype)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=bias, scale=1.0)  # [B, H, Q, C]; q is scaled already
+            return self.out_proj(out.transpose(1, 2).reshape(b, q_len, dim))
         weights = torch.einsum("bqhc,bkhc->bhqk", q, k)
         if mask is not None:
             weights = weights + mask_bias(mask, weights.dtype)

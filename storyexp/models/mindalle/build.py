@@ -11,6 +11,10 @@
 Either way the dataset's character names are appended to the tokenizer as whole-word tokens and the text
 embedding/head grow to match (new rows N(0, 0.02)).
 
+`fused_attention` (default true): stage 2's causal self-attention and stage 1's attention blocks run through torch's
+scaled_dot_product_attention; false: the original's explicit matmul + softmax (the story model's cross-attention
+always uses scaled_dot_product_attention).
+
     built = build_storydalle(network, story, characters, story_len=4, sent_embed=512)
     built = StoryDalleBuilder(story, characters, story_len=4, sent_embed=512).build(network)   # the same
 """
@@ -29,6 +33,7 @@ from storyexp.errors import ConfigurationError
 from storyexp.models.sizes import parse_sizes
 from storyexp.models.sources import NetworkBuilder, network_seed, original_name_tokens
 from storyexp.models.vqgan import VQGAN, VQGANConfig, build_stage1
+from storyexp.models.vqgan.build import fused_attention, set_fused_attention
 from storyexp.utils.loading import UnreadableFileError, load_file
 
 from .model import load_mindalle_folder
@@ -130,6 +135,7 @@ class StoryDalleBuilder(NetworkBuilder[StoryDalleParts, StoryDalleComponents]):
 
     def finish(self, parts: StoryDalleParts, network: dict[str, Any]) -> StoryDalleComponents:
         story, tokenizer, stage1 = self.story, parts.tokenizer, parts.stage1
+        fused = fused_attention(network)
         base_vocab = parts.stage2_config.vocab_size_txt
         add_character_tokens(tokenizer, list(self.characters),
                              whole_words=not original_name_tokens(network, "init_from_storydalle"))
@@ -155,6 +161,8 @@ class StoryDalleBuilder(NetworkBuilder[StoryDalleParts, StoryDalleComponents]):
         if released:
             _load_released(net, stage1, tokenizer, Path(released))
         stage1.requires_grad_(False).eval()  # stage 1 is never trained by the story model
+        set_fused_attention(net, fused)
+        set_fused_attention(stage1, fused)
         return StoryDalleComponents(stage1=stage1, net=net, tokenizer=tokenizer, stage1_config=stage1.config)
 
 

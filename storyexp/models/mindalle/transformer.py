@@ -2,6 +2,11 @@
 
 Parameter names follow the original checkpoint layout (`tok_emb_img`, `blocks.<i>.attn.query`, `mlp.0`, ...), so
 `stage2_last.ckpt`-style files load strictly with no key remapping.
+
+The causal self-attention runs through torch's `F.scaled_dot_product_attention` (`CausalSelfAttention.fused`, the
+default; `model.network.fused_attention`); `fused=False` is the original's explicit
+`softmax(masked_fill(q k^T / sqrt(d), -inf)) v`. StoryDALL-E's cross-attention (`story.CrossAttention`) always uses
+SDPA.
 """
 
 from __future__ import annotations
@@ -82,8 +87,13 @@ class AttentionProjections(nn.Module):
 
 
 class CausalSelfAttention(AttentionProjections):
-    def __init__(self, cfg: Stage2Config):
+    """fused: True = `F.scaled_dot_product_attention`, False = the original's explicit matmul + softmax."""
+
+    has_fused_switch = True  # `storyexp.models.vqgan.layers.set_fused_attention` switches it
+
+    def __init__(self, cfg: Stage2Config, fused: bool = True):
         super().__init__(cfg)
+        self.fused = fused
         # Lower-triangular mask over the whole [text ; image] context. Non-persistent: the original checkpoints
         # do not store it, and strict loading must not expect it.
         mask = torch.tril(torch.ones(cfg.ctx_len, cfg.ctx_len, dtype=torch.bool))
@@ -105,9 +115,14 @@ class CausalSelfAttention(AttentionProjections):
         # SDPA (default 1/sqrt(head_dim) scale, softmax over keys) matches the original explicit
         # softmax(q k^T / sqrt(d)) v to <1e-6 in float32 (checked), far inside the 1e-4 parity tolerance; the seeded
         # sampler still reproduces the reference codes exactly with it.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_pdrop if self.training else 0.0
-        )
+        dropout = self.attn_pdrop if self.training else 0.0
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / k.shape[-1] ** 0.5)
+            if attn_mask is not None:
+                att = att.masked_fill(~attn_mask, float("-inf"))
+            y = F.dropout(torch.softmax(att, dim=-1), dropout, self.training) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y)), (k, v)
 

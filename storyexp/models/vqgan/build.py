@@ -1,6 +1,10 @@
 """Stage 1 of a `source: sizes` StoryDALL-E model (either backbone): the VQGAN of the typed `model.network.stage1`
 sizes, loaded from `model.network.stage1_checkpoint` when one is given, else random (seeded) until the system's
-`stage1_fit` replaces it on first use (`storyexp.systems.story_tokens.StoryTokenSystem.prepare_data`)."""
+`stage1_fit` replaces it on first use (`storyexp.systems.story_tokens.StoryTokenSystem.prepare_data`).
+
+`fused_attention(network)` reads `model.network.fused_attention` (true, the default: torch's
+scaled_dot_product_attention; false: the originals' explicit matmul + softmax) for both StoryDALL-E builders, which
+apply it to every attention module they built with `set_fused_attention` (stage 1's blocks included)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,22 @@ from typing import Any
 
 import torch
 
+from storyexp.errors import ConfigurationError
+
 from .config import VQGANConfig
+from .layers import set_fused_attention
 from .model import VQGAN
+
+__all__ = ["build_stage1", "fused_attention", "set_fused_attention"]
+
+
+def fused_attention(network: Mapping[str, Any]) -> bool:
+    """`network.fused_attention` (true when absent); one-line ConfigurationError for anything but a bool."""
+    value = network.get("fused_attention", True)
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"model.network.fused_attention={value!r} is not valid: it must be true (torch's "
+                                 "scaled_dot_product_attention) or false (the original's explicit matmul + softmax).")
+    return value
 
 
 def build_stage1(config: VQGANConfig | Mapping[str, Any], checkpoint: str | Path | None = None,

@@ -2,6 +2,13 @@
 
 Attribute names (``norm1``, ``conv1``, ``nin_shortcut``, ``q``/``k``/``v``/``proj_out``, ``downsample.conv`` ...)
 are chosen so that ``state_dict()`` keys equal those of taming / minDALL-E checkpoints; do not rename them.
+
+Fused attention: `AttnBlock(fused=True)` (the default) computes its attention with torch's
+`F.scaled_dot_product_attention` (one kernel, no [hw, hw] weight matrix kept for the backward on the
+memory-efficient / flash backends); `fused=False` is taming's explicit `softmax(q k^T / sqrt(c)) v` with two bmm.
+They agree to float rounding (tests/test_fused_attention.py). `set_fused_attention(module, flag)` switches every
+attention module under `module` that has the switch (these blocks, Mega's `MegaAttention`, minDALL-E's
+`CausalSelfAttention`); the builders apply `model.network.fused_attention` with it.
 """
 
 from __future__ import annotations
@@ -50,11 +57,27 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention over all h*w positions, with 1x1 convs for q/k/v/proj_out."""
+def set_fused_attention(module: nn.Module, fused: bool) -> int:
+    """Set `fused` on every submodule of `module` (itself included) whose class declares `has_fused_switch`;
+    returns how many were set (0 means the module has no switchable attention)."""
+    count = 0
+    for sub in module.modules():
+        if getattr(type(sub), "has_fused_switch", False):
+            sub.fused = bool(fused)
+            count += 1
+    return count
 
-    def __init__(self, channels: int, eps: float = TAMING_GN_EPS):
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention over all h*w positions, with 1x1 convs for q/k/v/proj_out.
+
+    fused: True = `F.scaled_dot_product_attention`; False = taming's explicit bmm + softmax (module docstring)."""
+
+    has_fused_switch = True
+
+    def __init__(self, channels: int, eps: float = TAMING_GN_EPS, fused: bool = True):
         super().__init__()
+        self.fused = fused
         self.norm = normalize(channels, eps)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
@@ -64,6 +87,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
+        if self.fused:
+            # one head: [b, 1, hw, c]; SDPA's default scale is c**-0.5, as below
+            q, k, v = (conv(y).reshape(b, 1, c, h * w).transpose(2, 3) for conv in (self.q, self.k, self.v))
+            out = F.scaled_dot_product_attention(q, k, v)  # [b, 1, hw, c]
+            return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
         q = self.q(y).reshape(b, c, h * w).transpose(1, 2)  # [b, hw, c]
         k = self.k(y).reshape(b, c, h * w)  # [b, c, hw]
         v = self.v(y).reshape(b, c, h * w)  # [b, c, hw]
