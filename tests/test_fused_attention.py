@@ -177,6 +177,9 @@ def test_tiny_systems_draw_the_same_codes_fused_and_explicit(tmp_path, shared_da
         flags = switched(model)
         assert len(flags) > 0 and set(flags) == {flag}
         assert set(switched(model.stage1)) == {flag}  # stage 1's AttnBlocks too
+        if family == "mindalle":  # StoryDALL-E's retro cross-attention too
+            cross = [m.fused for m in model.modules() if type(m).__name__ == "CrossAttention"]
+            assert cross and set(cross) == {flag}
     on, off = models[True], models[False]
     batch = demo_train_batch
     codes = {flag: m.encode_frames(batch["frames"]) for flag, m in models.items()}  # taming encoder attention

@@ -51,7 +51,7 @@ class CrossAttention(AttentionProjections):
         q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
         k = self.key(src).view(B, S, h, C // h).transpose(1, 2)
         v = self.value(src).view(B, S, h, C // h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = self.attend(q, k, v)  # fused or explicit: model.network.fused_attention
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 

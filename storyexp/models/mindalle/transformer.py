@@ -72,10 +72,15 @@ class Stage2Config:
 
 
 class AttentionProjections(nn.Module):
-    """The key/query/value/proj linears (minDALL-E's names) and dropouts every attention here shares."""
+    """The key/query/value/proj linears (minDALL-E's names) and dropouts every attention here shares, and how the
+    heads attend (`attend`). fused: True = `F.scaled_dot_product_attention`, False = the original's explicit
+    matmul + softmax."""
 
-    def __init__(self, cfg: Stage2Config):
+    has_fused_switch = True  # `storyexp.models.vqgan.layers.set_fused_attention` switches it
+
+    def __init__(self, cfg: Stage2Config, fused: bool = True):
         super().__init__()
+        self.fused = fused
         assert cfg.embed_dim % cfg.n_heads == 0
         self.n_heads = cfg.n_heads
         self.key = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=cfg.attn_bias)
@@ -85,15 +90,25 @@ class AttentionProjections(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_drop = nn.Dropout(cfg.resid_pdrop)
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Heads [B, nh, T, hd] attending to keys / values [B, nh, S, hd]; attn_mask bool [T, S] (True = visible)
+        or None. SDPA (default 1/sqrt(head_dim) scale, softmax over keys) matches the original explicit
+        softmax(q k^T / sqrt(d)) v to <1e-6 in float32, far inside the 1e-4 parity tolerance; the seeded sampler
+        reproduces the reference codes exactly with either."""
+        dropout = self.attn_pdrop if self.training else 0.0
+        if self.fused:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / k.shape[-1] ** 0.5)
+        if attn_mask is not None:
+            att = att.masked_fill(~attn_mask, float("-inf"))
+        return F.dropout(torch.softmax(att, dim=-1), dropout, self.training) @ v
+
 
 class CausalSelfAttention(AttentionProjections):
-    """fused: True = `F.scaled_dot_product_attention`, False = the original's explicit matmul + softmax."""
-
-    has_fused_switch = True  # `storyexp.models.vqgan.layers.set_fused_attention` switches it
+    """The causal self-attention over [text ; image], with its KV cache."""
 
     def __init__(self, cfg: Stage2Config, fused: bool = True):
-        super().__init__(cfg)
-        self.fused = fused
+        super().__init__(cfg, fused)
         # Lower-triangular mask over the whole [text ; image] context. Non-persistent: the original checkpoints
         # do not store it, and strict loading must not expect it.
         mask = torch.tril(torch.ones(cfg.ctx_len, cfg.ctx_len, dtype=torch.bool))
@@ -112,18 +127,7 @@ class CausalSelfAttention(AttentionProjections):
         # New query i sits at absolute position P+i and may see keys 0..P+i. A single query (the usual cached
         # step) sees everything, so no mask is needed, as in the original's cached path.
         attn_mask = None if T == 1 else self.mask[P : P + T, : P + T]
-        # SDPA (default 1/sqrt(head_dim) scale, softmax over keys) matches the original explicit
-        # softmax(q k^T / sqrt(d)) v to <1e-6 in float32 (checked), far inside the 1e-4 parity tolerance; the seeded
-        # sampler still reproduces the reference codes exactly with it.
-        dropout = self.attn_pdrop if self.training else 0.0
-        if self.fused:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / k.shape[-1] ** 0.5)
-            if attn_mask is not None:
-                att = att.masked_fill(~attn_mask, float("-inf"))
-            y = F.dropout(torch.softmax(att, dim=-1), dropout, self.training) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = self.attend(q, k, v, attn_mask).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y)), (k, v)
 
 
