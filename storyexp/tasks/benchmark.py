@@ -36,6 +36,7 @@ instead, each composing its own config, and times every switch (e.g. ``model.net
 from __future__ import annotations
 
 import json
+import re
 import resource
 import statistics
 import time
@@ -71,10 +72,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's peak statistics, or on Linux the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the process's peak since start-up is reported
+
+
+def _proc_status_gb(field: str) -> float | None:
+    try:
+        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024**2 if match else None
+
+
+def current_memory_gb(device: torch.device) -> float:
+    """What is held now: CUDA allocated, or the process's resident set (0 where /proc is not there)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1024**3
+    return _proc_status_gb("VmRSS") or 0.0
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: peak resident set size (VmHWM, reset by `reset_peak_memory`;
+    the process's lifetime peak where /proc is not there)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+    peak = _proc_status_gb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB
+
+
+def prepare(cfg: DictConfig, device: torch.device):
+    """(datamodule, model, trainable params, AdamW, autocast context) of a config, set up for timing on `device`."""
+    datamodule, model = build_data_and_model(cfg)
+    dtype = AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
+    autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return datamodule, model, params, torch.optim.AdamW(params, lr=1e-6), autocast
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -82,21 +125,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from storyexp.tasks import benchmark_suite
 
         return benchmark_suite.run(cfg)
-    datamodule, model = build_data_and_model(cfg)
     opts = cfg.benchmark
     steps, warmup, sample_batches = int(opts.steps), int(opts.warmup), int(opts.sample_batches)
     if steps < 1 or warmup < 0 or sample_batches < 0:
         raise ConfigurationError("benchmark.steps must be >= 1, benchmark.warmup and sample_batches >= 0.")
     device = resolve_device(str(opts.device))
     precision = str(cfg.trainer.get("precision", "32-true"))
-    dtype = AUTOCAST.get(precision)
-    autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    datamodule, model, params, optimizer, autocast = prepare(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -122,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             frames += int(generated.shape[0] * generated.shape[1])
         results["benchmark/sample_batch_s"] = statistics.mean(sample_times)
         results["benchmark/sample_frames_per_s"] = frames / sum(sample_times)
-    results["benchmark/peak_memory_gb"] = _peak_memory_gb(device)
+    results["benchmark/peak_memory_gb"] = peak_memory_gb(device)
     results["benchmark/params_total"] = float(sum(p.numel() for p in model.parameters()))
     results["benchmark/params_trainable"] = float(sum(p.numel() for p in params))
     write_report(cfg, results, device, precision)

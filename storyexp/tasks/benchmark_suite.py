@@ -75,6 +75,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from storyexp.errors import ConfigurationError, MissingResourceError
+from storyexp.tasks.benchmark import current_memory_gb, peak_memory_gb, reset_peak_memory
 from storyexp.utils.io import atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -205,39 +206,6 @@ def _first_line(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the process's peak since start-up is reported
-
-
-def _current_gb(device: torch.device) -> float:
-    """What is held now: CUDA allocated, or the process's resident set (0 where /proc is not there)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 1024**3
-    try:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024**2
-    except (OSError, AttributeError):
-        return 0.0
-
-
-def _peak_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1024**3
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024**2
-    except (OSError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
 # ------------------------------------------------------------------------------------------------ one side
 
 
@@ -246,18 +214,10 @@ class Side:
     validation batch for sampling."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        from storyexp.tasks.benchmark import AUTOCAST, _batches, to_device
-        from storyexp.tasks.common import build_data_and_model
+        from storyexp.tasks.benchmark import _batches, prepare, to_device
 
         self.cfg, self.device = cfg, device
-        self.datamodule, self.model = build_data_and_model(cfg)
-        self.datamodule.prepare_data()
-        self.datamodule.setup("fit")
-        self.model.to(device).train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-6)
-        dtype = AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
-        self.autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+        self.datamodule, self.model, self.params, self.optimizer, self.autocast = prepare(cfg, device)
         opts = cfg.benchmark
         self.steps, self.warmup = int(opts.steps), int(opts.warmup)
         if bool(cfg.data.get("precompute", False)):  # as a fit's on_fit_start (frozen_inputs.use_precomputed)
@@ -321,13 +281,13 @@ def measure_repeated(sides: dict[str, Side], measure: list[str], repeats: int) -
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             side = sides[name]
-            _reset_peak(side.device)
-            before = _current_gb(side.device)
+            reset_peak_memory(side.device)
+            before = current_memory_gb(side.device)
             if "train" in measure:
                 values[name]["train"].append(side.train_s_per_story())
             if "sample" in measure:
                 values[name]["sample"].append(side.sample_s_per_story())
-            peak = _peak_gb(side.device)
+            peak = peak_memory_gb(side.device)
             peaks[name] = max(peaks[name], peak)
             added[name] = max(added[name], peak - before)
     out: dict[str, dict[str, Any]] = {}
