@@ -53,7 +53,8 @@ class StoryDalleSystem(StoryTokenSystem):
             dropout, target_modules), `mask_text_padding` (false: the original's loss over `[PAD]` targets).
         optimizer: AdamW settings. lr_schedule: warm-up (steps or epochs), then `decay` cosine | constant.
         sampler: top_k, top_p, temperature, num_candidates, chain (frame i attends to generated frame i-1),
-            autocast (null | fp16 | bf16 for the transformer; stage 1 decodes in fp32).
+            autocast (null | fp16 | bf16 for the transformer; stage 1 decodes in fp32), static_cache (the KV cache
+            preallocated and the source frame projected once; false: the original's growing loop).
         recipe: run length and clipping read by the trainer config.
     """
 
@@ -217,6 +218,7 @@ class StoryDalleSystem(StoryTokenSystem):
             temperature=float(settings.get("temperature", 1.0)),
             generator=generators,
             chain=bool(settings.get("chain", False)),
+            static_cache=bool(settings.get("static_cache", True)),
         )
 
     @torch.no_grad()

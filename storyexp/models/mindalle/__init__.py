@@ -6,11 +6,13 @@ from .model import MinDalle, MinDalleFolder, load_mindalle_folder
 from .story import StoryDalleNet, load_storydalle_checkpoint
 from .sampling import cutoff_topk_logits, cutoff_topp_probs, next_code_probs, next_code_step, sample_codes
 from .tokenizer import build_tokenizer
-from .transformer import KVCache, Stage2Config, Transformer1d, positions_1d
+from .transformer import KVCache, LayerKV, Stage2Config, StaticKVCache, Transformer1d, positions_1d
 from .build import Stage2Sizes, StoryDalleBuilder, StoryDalleComponents, StoryDalleSizes, build_storydalle
 
 __all__ = [
     "KVCache",
+    "LayerKV",
+    "StaticKVCache",
     "MinDalle",
     "MinDalleFolder",
     "Stage2Config",

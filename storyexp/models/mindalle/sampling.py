@@ -61,14 +61,14 @@ def next_code_step(
     """One cached sampler step: (logits [M, V], probs [M, V], past) for code t = codes.shape[1].
 
     texts [M, N]; codes [M, t]: the codes so far (t = 0: none). Step 0 feeds the whole text, whose last position
-    predicts code 0; step t > 0 feeds only codes[:, -1] at image position t - 1 on top of `past` (the cache the
-    previous step returned). The next code is drawn from `probs` (`sample_codes` makes one
+    predicts code 0, into `past` (None, or an empty `model.new_cache()`: preallocated); step t > 0 feeds only
+    codes[:, -1] at image position t - 1 on top of `past` (the cache the previous step returned). The next code is drawn from `probs` (`sample_codes` makes one
     `multinomial(probs, 1, replacement=True)` per step). It is public so that a caller can run the loop itself,
     e.g. feed recorded codes and compare each step's probabilities.
     """
     t = codes.shape[1]
     if t == 0:
-        logits, past = model.step(texts=texts, pos_texts=positions_1d(texts), past=None)
+        logits, past = model.step(texts=texts, pos_texts=positions_1d(texts), past=past)
     else:
         prev = codes[:, -1:]
         logits, past = model.step(images=prev, pos_images=torch.full_like(prev, t - 1), past=past)
@@ -87,6 +87,7 @@ def sample_codes(
     num_candidates: int = 1,
     generator: Generators = None,
     num_codes: int | None = None,
+    static_cache: bool = True,
 ) -> Tensor:
     """Sample `num_codes` (default ctx_len_img) image codes per candidate, one `next_code_step` per code.
 
@@ -94,6 +95,8 @@ def sample_codes(
     generator: passed to `torch.multinomial`; None uses torch's global generator (as the original, which is
       seeded with `torch.manual_seed`); a list of generators draws each contiguous group of candidate rows from
       its own (`storyexp.models.draws`).
+    static_cache: True = the KV cache is preallocated once and written in place (`StaticKVCache`); False = it
+      grows by `torch.cat` every step, as in the original. The same codes either way.
     Returns codes [num_candidates, L].
     """
     if texts.dim() == 1:
@@ -103,10 +106,17 @@ def sample_codes(
     assert texts.shape[0] == num_candidates, f"{texts.shape[0]} text rows for {num_candidates} candidates"
     L = num_codes or model.cfg.ctx_len_img
 
-    codes = texts.new_zeros(texts.shape[0], 0)
-    past = None
-    for _ in range(L):
-        _, probs, past = next_code_step(model, texts, codes, past, top_k=top_k, top_p=top_p, temperature=temperature)
-        idx = multinomial(probs, 1, replacement=True, generator=generator)  # one RNG call per step
-        codes = torch.cat([codes, idx], dim=1)
+    codes = texts.new_zeros(texts.shape[0], L)  # written in place, one column per step
+    past = model.new_cache() if static_cache else None
+    for t in range(L):
+        _, probs, past = next_code_step(model, texts, codes[:, :t], past, top_k=top_k, top_p=top_p,
+                                        temperature=temperature)  # fmt: skip
+        codes[:, t : t + 1] = multinomial(probs, 1, replacement=True, generator=generator)  # one RNG call per step
+    return codes
+    codes = texts.new_zeros(texts.shape[0], L)
+    past = model.new_cache()
+    for t in range(L):
+        _, probs, past = next_code_step(model, texts, codes[:, :t], past, top_k=top_k, top_p=top_p,
+                                        temperature=temperature)  # fmt: skip
+        codes[:, t : t + 1] = multinomial(probs, 1, replacement=True, generator=generator)
     return codes

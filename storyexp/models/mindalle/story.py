@@ -32,7 +32,7 @@ from storyexp.models.story_frames import sample_story_frames
 from storyexp.utils.loading import check_state_dict
 
 from .sampling import next_code_probs
-from .transformer import AttentionProjections, Block, KVCache, Stage2Config, Transformer1d
+from .transformer import AttentionProjections, Block, KVCache, Stage2Config, StaticKVCache, Transformer1d
 
 GATE_INITS = ("zero", "none")
 
@@ -45,12 +45,18 @@ def cross_attn_block_indices(n_layers: int, every: int = 3) -> list[int]:
 class CrossAttention(AttentionProjections):
     """Multi-head attention from x (queries) to a source sequence (keys/values), no mask over the source."""
 
-    def forward(self, x: Tensor, src: Tensor) -> Tensor:
+    def source_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """The source's keys and values [B, nh, S, hd] (constant while a frame is sampled: computed once)."""
+        B, S, C = src.shape
+        split = lambda t: t.view(B, S, self.n_heads, C // self.n_heads).transpose(1, 2)  # noqa: E731
+        return split(self.key(src)), split(self.value(src))
+
+    def forward(self, x: Tensor, src: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x [B, T, C] attends to src [B, S, C], or to its precomputed `source_kv(src)`."""
         B, T, C = x.shape
-        S, h = src.shape[1], self.n_heads
+        h = self.n_heads
         q = self.query(x).view(B, T, h, C // h).transpose(1, 2)
-        k = self.key(src).view(B, S, h, C // h).transpose(1, 2)
-        v = self.value(src).view(B, S, h, C // h).transpose(1, 2)
+        k, v = self.source_kv(src) if kv is None else kv
         y = self.attend(q, k, v)  # fused or explicit: model.network.fused_attention
         return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
@@ -67,8 +73,12 @@ class CrossAttentionLayer(nn.Module):
         self.attn = CrossAttention(cfg)
         self.gate = nn.Parameter(torch.zeros(())) if gate_init == "zero" else None
 
-    def forward(self, x: Tensor, src: Tensor) -> Tensor:
-        y = self.attn(self.ln1(x), self.ln2(src))
+    def source_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attn.source_kv(self.ln2(src))
+
+    def forward(self, x: Tensor, src: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """src [B, S, C], or kv = `source_kv(src)` computed once for many calls with the same source."""
+        y = self.attn(self.ln1(x), kv=self.source_kv(src) if kv is None else kv)
         return y if self.gate is None else torch.tanh(self.gate) * y
 
 
@@ -195,7 +205,9 @@ class StoryDalleNet(nn.Module):
 
         Cross-attention reaches only positions >= first_img_pred (= P+N-1, those predicting image tokens), on the
         full pass and on every cached step alike; `src_rows` [M] (bool) limits it to the sequences that have a
-        source frame (visualization: a story's first frame is drawn from its text alone).
+        source frame (visualization: a story's first frame is drawn from its text alone). With a `StaticKVCache`
+        as `past` the source's keys and values are projected on the first step only (`past.cross`) and the cache
+        is filled in place and returned.
         """
         T = x.shape[1]
         xmask = None
@@ -206,14 +218,22 @@ class StoryDalleNet(nn.Module):
                 xmask = xmask * src_rows.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
             if not bool(xmask.any()):
                 xmask = None
-        presents: KVCache = []
+        static = isinstance(past, StaticKVCache)
+        presents: KVCache = past if static else []
         for i, blk in enumerate(self.stage2.blocks):
             a, kv = blk.attn(blk.ln1(x), None if past is None else past[i])
-            presents.append(kv)
+            if not static:
+                presents.append(kv)
             x = x + a
             j = self._cross_of.get(i)
             if j is not None and xmask is not None:
-                x = x + self.cross_attn[j](x, src) * xmask
+                layer = self.cross_attn[j]
+                src_kv = None
+                if static:
+                    if j not in past.cross:
+                        past.cross[j] = layer.source_kv(src)
+                    src_kv = past.cross[j]
+                x = x + layer(x, src, kv=src_kv) * xmask
             x = x + blk.mlp(blk.ln2(x))
         return x, presents
 
@@ -321,6 +341,7 @@ class StoryDalleNet(nn.Module):
         num_codes: int | None = None,
         use_cache: bool = True,
         chain: bool = False,
+        static_cache: bool = True,
     ) -> Tensor:
         """Sample a story's frames; texts [B, L, N], sentence_embeds [B, L, E], source_codes [B, S] -> [B, L, T].
 
@@ -331,13 +352,16 @@ class StoryDalleNet(nn.Module):
 
         The story block is causal over frames, so a frame's story token is the same whether the frames are drawn
         together or one by one. use_cache=False recomputes the full sequence each step (reference loop); both
-        paths draw the same codes under the same seed.
+        paths draw the same codes under the same seed. static_cache (with use_cache): True = the KV cache is
+        preallocated once per frame batch and written in place, and the source frame's cross-attention keys and
+        values are projected once (`StaticKVCache`); False = the cache grows by `torch.cat` and the source is
+        re-projected at every step, as in the original. The same codes either way.
         """
         B, L, N = texts.shape
         prompt = self.story_embeddings(sentence_embeds)
         prompt = prompt.view(B, L, *prompt.shape[1:])
         opts = dict(top_k=top_k, top_p=top_p, temperature=temperature, generator=generator,
-                    n_codes=num_codes or self.cfg.ctx_len_img, use_cache=use_cache)
+                    n_codes=num_codes or self.cfg.ctx_len_img, use_cache=use_cache, static_cache=static_cache)
 
         def draw(frames: list[int], source: Tensor | None) -> Tensor:
             n = len(frames)
@@ -361,26 +385,27 @@ class StoryDalleNet(nn.Module):
         temperature: float,
         generator: Generators,
         use_cache: bool,
+        static_cache: bool = True,
     ) -> Tensor:
         """prompt [M, P, D], texts [M, N], src [M, S, D] or None -> codes [M, n_codes]; temperature -> top-k ->
         softmax -> top-p (`next_code_probs`), one multinomial over [M, V] per code."""
         P, N = prompt.shape[1], texts.shape[1]
         first = P + N - 1
-        codes = texts.new_zeros(texts.shape[0], 0)
-        past = None
+        codes = texts.new_zeros(texts.shape[0], n_codes)  # written in place, one column per step
+        past = self.stage2.new_cache(extra_positions=P) if use_cache and static_cache else None
         for t in range(n_codes):
             if not use_cache:
-                h, _ = self._run_blocks(self._sequence(prompt, texts, codes), start=0, first_img_pred=first, src=src)
+                h, _ = self._run_blocks(self._sequence(prompt, texts, codes[:, :t]), start=0, first_img_pred=first,
+                                        src=src)  # fmt: skip
                 logits = self.stage2.head_img(self.stage2.ln_f(h[:, -1]))
             elif t == 0:  # whole [prompt ; caption]; its last position P+N-1 predicts code 0
-                logits, past = self.step(prompt=prompt, texts=texts, src=src, start=0, first_img_pred=first)
+                logits, past = self.step(prompt=prompt, texts=texts, src=src, start=0, first_img_pred=first, past=past)
             else:  # previous code at image position t-1, absolute position P+N+t-1
                 logits, past = self.step(
-                    images=codes[:, -1:], src=src, start=first + t, first_img_pred=first, past=past
+                    images=codes[:, t - 1 : t], src=src, start=first + t, first_img_pred=first, past=past
                 )
             probs = next_code_probs(logits, top_k=top_k, top_p=top_p, temperature=temperature)
-            idx = multinomial(probs, 1, replacement=True, generator=generator)
-            codes = torch.cat([codes, idx], dim=1)
+            codes[:, t : t + 1] = multinomial(probs, 1, replacement=True, generator=generator)
         return codes
 
 

@@ -21,8 +21,54 @@ from torch import Tensor, nn
 
 from storyexp.utils.loading import UnreadableFileError, check_state_dict, load_file
 
-# One (key, value) pair per layer, each [B, n_heads, cached_len, head_dim].
-KVCache = list[tuple[Tensor, Tensor]]
+
+class LayerKV:
+    """One layer's preallocated ("static") keys and values [B, n_heads, capacity, head_dim], filled to `length`.
+
+    The growing cache (a (k, v) pair per layer, `torch.cat` onto it every step) reallocates and copies the whole
+    cache of every layer at every decoding step; this one is allocated once, on the first write (when batch, heads,
+    dtype and device are known), and each step writes its new positions in place and attends over a view of the
+    filled prefix. The keys and values attended to are the same numbers either way.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write new positions k / v [B, nh, T, hd] after the filled ones; return views of all filled positions."""
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take positions {start}..{end - 1}")
+        if self.keys is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[-1])
+            self.keys = k.new_empty(shape)
+            self.values = v.new_empty(shape)
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class StaticKVCache(list):
+    """A decoding cache allocated once: one `LayerKV` per layer, and `cross`, the projected keys / values of a
+    constant attention source (StoryDALL-E's source frame), computed on the first step and reused by every later
+    one (the growing path re-projects the whole source at every step)."""
+
+    def __init__(self, n_layers: int, capacity: int):
+        super().__init__(LayerKV(capacity) for _ in range(n_layers))
+        self.cross: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return self[0].length if self else 0
+
+
+# Per layer either a growing (key, value) pair, each [B, n_heads, cached_len, head_dim], or a `LayerKV`
+# (a `StaticKVCache`, preallocated; `model.sampler.static_cache`).
+KVCache = list
 
 
 @dataclass
@@ -114,13 +160,18 @@ class CausalSelfAttention(AttentionProjections):
         mask = torch.tril(torch.ones(cfg.ctx_len, cfg.ctx_len, dtype=torch.bool))
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x: [B, T, C] new positions; past: cached (k, v) of the P earlier positions. Returns (y, (k, v) for P+T)."""
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | LayerKV | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | LayerKV]:  # fmt: skip
+        """x: [B, T, C] new positions; past: the P earlier positions' keys and values, as a growing (k, v) pair or
+        a preallocated `LayerKV`. Returns (y, the cache for P+T: a new (k, v) pair, or the same `LayerKV`)."""
         B, T, C = x.shape
         split = lambda t: t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # [B, nh, T, hd]
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         P = 0
-        if past is not None:
+        if isinstance(past, LayerKV):
+            P = past.length
+            k, v = past.append(k, v)
+        elif past is not None:
             P = past[0].shape[-2]
             k = torch.cat([past[0], k], dim=-2)
             v = torch.cat([past[1], v], dim=-2)
@@ -128,7 +179,7 @@ class CausalSelfAttention(AttentionProjections):
         # step) sees everything, so no mask is needed, as in the original's cached path.
         attn_mask = None if T == 1 else self.mask[P : P + T, : P + T]
         y = self.attend(q, k, v, attn_mask).transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_drop(self.proj(y)), (k, v)
+        return self.resid_drop(self.proj(y)), past if isinstance(past, LayerKV) else (k, v)
 
 
 class Block(nn.Module):
@@ -147,7 +198,8 @@ class Block(nn.Module):
             nn.Dropout(cfg.resid_pdrop),
         )
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | LayerKV | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor] | LayerKV]:  # fmt: skip
         a, present = self.attn(self.ln1(x), past)
         x = x + a
         x = x + self.mlp(self.ln2(x))
@@ -243,6 +295,7 @@ class Transformer1d(nn.Module):
 
         Returns the image logits predicted by the LAST new position [B, V_img] and the grown cache. Decoding:
         step 0 feeds the whole text (its last position predicts code 0); step t feeds code t-1 at position t-1.
+        `past` may be an empty `new_cache()` at step 0 (then it is filled in place and returned).
         """
         parts = []
         if texts is not None:
@@ -251,12 +304,17 @@ class Transformer1d(nn.Module):
             parts.append(self._embed_img(images, pos_images))
         assert parts, "step() needs texts and/or images"
         x = self.drop(torch.cat(parts, dim=1))
-        presents: KVCache = []
+        presents: KVCache = past if isinstance(past, StaticKVCache) else []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, None if past is None else past[i])
-            presents.append(kv)
+            if presents is not past:
+                presents.append(kv)
         x = self.ln_f(x[:, -1])
         return self.head_img(x), presents
+
+    def new_cache(self, extra_positions: int = 0) -> StaticKVCache:
+        """An empty preallocated cache for a whole [text ; image] context (+ `extra_positions`, e.g. a prompt)."""
+        return StaticKVCache(len(self.blocks), self.cfg.ctx_len + extra_positions)
 
     def _embed_txt(self, texts: Tensor, pos_texts: Tensor) -> Tensor:
         return self.tok_emb_txt(texts) + self.pos_emb_txt(pos_texts)
