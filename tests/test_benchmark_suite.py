@@ -9,6 +9,7 @@ import re
 import statistics
 
 import pytest
+import torch
 
 from storyexp.errors import ConfigurationError
 
@@ -157,3 +158,119 @@ def test_medium_configs_have_their_stated_sizes(tmp_path, model, family):
     for path, millions in targets.items():
         count = sum(p.numel() for p in system.get_submodule(path).parameters())
         assert count == pytest.approx(float(millions) * 1e6, rel=0.15), (path, count)
+
+
+# ------------------------------------------------------------------------------------------------ loader headroom
+
+
+def test_loader_headroom_is_loader_over_training_stories_per_second(suite_run):
+    """A case measuring train and loader: loader stories/s / training stories/s of the side the loader ran on, in
+    benchmark.json, the cases table and the headline; a train-only case has none."""
+    from storyexp.tasks.benchmark_suite import flat_metrics
+
+    report, md = suite_run
+    case = next(c for c in report["cases"] if c["name"] == "mega_tiny/skip_unconditional")
+    expected = case["model_measures"]["loader_stories_per_s"] / case["sides"]["on"]["train_stories_per_s"]
+    assert case["loader_headroom"] == pytest.approx(expected) and case["loader_bound"] == (expected < 1)
+    assert case["model_measures"]["loader_workers"] == 0
+    base = next(c for c in report["cases"] if c["name"] == "mega_tiny")
+    assert "loader_headroom" not in base  # measures train and checkpoint only
+    assert "| loader headroom |" in md.splitlines()[md.splitlines().index("## Cases (median / min of the repetitions)")
+                                                    + 2]
+    cell = f"{expected:.3g}" + (" (loader-bound)" if expected < 1 else "")
+    assert f"| {cell} |" in next(line for line in md.splitlines() if line.startswith("| mega_tiny/skip_unconditional "
+                                                                                        "(on) |"))
+    headline = next(line for line in md.splitlines() if line.startswith("Loader headroom"))
+    assert f"lowest {expected:.3g} (mega_tiny/skip_unconditional)" in headline
+    assert flat_metrics(report["cases"])["benchmark/mega_tiny/skip_unconditional/loader_headroom"] == \
+        pytest.approx(expected)
+    assert report["context"]["complete"] and report["context"]["cases_done"] == report["context"]["cases_total"] == 3
+
+
+def test_peak_memory_own_leaves_out_the_other_side(suite_run):
+    report, md = suite_run
+    base = next(c for c in report["cases"] if c["name"] == "mega_tiny")["sides"]["base"]
+    assert base["peak_memory_own_gb"] == pytest.approx(base["peak_memory_gb"])  # nothing else resident
+    for side in next(c for c in report["cases"] if c["name"] == "mega_tiny/skip_unconditional")["sides"].values():
+        assert 0 <= side["peak_memory_own_gb"] <= side["peak_memory_gb"]
+    assert "| peak GB own |" in md
+
+
+def _row(name: str, loader: float, train: float, switch: str | None = None) -> dict:
+    side = "on" if switch else "base"
+    stats = {"values": [1 / train], "median": 1 / train, "min": 1 / train}
+    return {"name": name, "model": "m", "measure": ["train", "loader"], "switch": switch, "status": "ok",
+            "reason": None, "repeats": 1, "batch_size": 1, "loader_headroom": loader / train,
+            "loader_bound": loader < train,
+            "model_measures": {"loader_stories_per_s": loader,
+                               "loader_s_per_story": {"values": [1 / loader], "median": 1 / loader, "min": 1 / loader}},
+            "sides": {side: {"train_s_per_story": stats, "train_stories_per_s": train, "peak_memory_gb": 1.0,
+                             "peak_memory_added_gb": 0.5, "peak_memory_own_gb": 1.0}}}
+
+
+def test_a_loader_bound_case_is_flagged():
+    """The table and the headline on a stubbed report: headroom < 1 is "loader-bound"."""
+    from storyexp.tasks.benchmark_suite import headroom_line, loader_headroom, markdown
+
+    fast, slow = _row("fast_loader", loader=30.0, train=10.0), _row("slow_loader", loader=4.0, train=8.0)
+    assert loader_headroom(fast) == pytest.approx(3.0) and loader_headroom(slow) == pytest.approx(0.5)
+    context = {"suite": "stub", "date": "today", "device": "cpu", "cpu": "x", "cpu_count": 1, "torch_threads": 1,
+               "torch": "t", "seconds": 1.0, "complete": False, "cases_done": 2, "cases_total": 3}
+    md = markdown({"context": context, "cases": [fast, slow]})
+    assert "| 3 |" in next(line for line in md.splitlines() if line.startswith("| fast_loader |"))
+    assert "| 0.5 (loader-bound) |" in next(line for line in md.splitlines() if line.startswith("| slow_loader |"))
+    assert headroom_line([fast, slow]) == ("Loader headroom (loader stories/s / training stories/s; < 1: loader-bound):"
+                                           " lowest 0.5 (slow_loader); 1 of 2 cases loader-bound: slow_loader.")
+    assert headroom_line([fast]).endswith("the loader keeps up in all 1 cases measured.")
+    assert "**Incomplete**: 2 of 3 cases" in md
+    assert headroom_line([{"name": "a", "status": "skipped"}]) == ""
+
+
+def test_the_report_is_written_after_every_case(tmp_path, monkeypatch):
+    """A suite stopped after its first case (a time limit) leaves benchmark.json / .md with that case."""
+    from storyexp.tasks import benchmark_suite
+
+    (tmp_path / "s.yaml").write_text("overrides: [benchmark.device=cpu]\ncases:\n"
+                                     "  - {name: first, model: mega_tiny}\n  - {name: second, model: mega_tiny}\n")
+    cfg = compose_cfg(["task=benchmark", "model=mega_tiny", f"benchmark.suite={tmp_path / 's.yaml'}"], tmp_path)
+
+    def run_case(parent, suite, case, device):
+        if case["name"] == "second":
+            raise KeyboardInterrupt  # what a stopped run looks like from here
+        return {**_row("first", loader=5.0, train=1.0), "seconds": 0.1}
+
+    monkeypatch.setattr(benchmark_suite, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark_suite.run(cfg)
+    report = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert [c["name"] for c in report["cases"]] == ["first"]
+    assert report["context"]["complete"] is False and report["context"]["cases_total"] == 2
+    assert "**Incomplete**: 1 of 2" in (tmp_path / "out" / "benchmark.md").read_text()
+
+
+def test_the_suite_device_comes_from_the_suite_and_the_command_line(tmp_path):
+    from storyexp.tasks.benchmark_suite import suite_device
+
+    suite = {"overrides": ["data=demo", "benchmark.device=cuda"]}
+    assert suite_device(compose_cfg(["task=benchmark"], tmp_path), suite) == "cuda"
+    assert suite_device(compose_cfg(["task=benchmark", "benchmark.device=cpu"], tmp_path), suite) == "cpu"
+    assert suite_device(compose_cfg(["task=benchmark"], tmp_path), {"overrides": []}) == "auto"
+
+
+def test_a_side_applies_activation_checkpointing(tmp_path, shared_data_dir, suite_run):
+    """The suite's activation_checkpointing case measures something: the side wraps the model's blocks (as
+    build_trainer does for a fit) and still trains; without it nothing is wrapped (the suite run's cases)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from storyexp.tasks.benchmark_suite import Side, compose_case
+
+    report, _ = suite_run
+    for case in (c for c in report["cases"] if c["status"] == "ok"):
+        assert set(case["checkpointed_blocks"].values()) == {0} and set(case["built_on"].values()) == {"cpu"}
+    parent = compose_cfg(["task=benchmark", "model=arldm_tiny"], tmp_path, data_dir=shared_data_dir)
+    cfg = compose_case(parent, TINY_DEMO + ["model=arldm_tiny", "benchmark.warmup=0", "benchmark.steps=1",
+                                            "data.batch_size=2", "activation_checkpointing=true"], tmp_path / "on")
+    side = Side(cfg, torch.device("cpu"))
+    wrapped = sum(isinstance(m, CheckpointWrapper) for m in side.model.modules())
+    assert side.checkpointed == wrapped > 0 and side.built_on == "cpu"
+    assert side.train_s_per_story() > 0 and side.resident_gb() > 0

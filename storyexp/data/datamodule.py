@@ -16,6 +16,13 @@ Batches are model-agnostic dicts (systems turn them into network inputs)::
     sentence_embeds  float32 tensor [B, 5, D]: the dataset's own per-frame sentence embeddings (only with
                      ``sentence_embeddings=True``; StoryDALL-E's story-block input)
 
+Input pipeline: frames are decoded (PNG from HDF5, PNG/JPEG from raw folders), split, picked and resized in the
+dataset's ``__getitem__``, so inside the DataLoader workers when ``num_workers > 0``; :func:`collate_stories` only
+stacks arrays. HDF5 readers open their file lazily, once per process (a handle inherited through ``fork`` is never
+read), and pickle without a handle. Workers are persistent (``persistent_workers``) when ``num_workers > 0``;
+``pin_memory`` is ``auto`` by default: pinned exactly when the batches go to a CUDA device
+(:func:`resolve_pin_memory`). ``prefetch_factor`` is PyTorch's default.
+
 Under DDP (``torch.distributed`` initialised with more than one process) the val/test/predict loaders shard
 their split with :class:`UnpaddedDistributedSampler`, so every story is scored exactly once; the training
 loader gets Lightning's usual (padded, shuffled) ``DistributedSampler``.
@@ -53,9 +60,38 @@ __all__ = [
     "eval_shard",
     "has_sentence_embeddings",
     "open_split",
+    "resolve_pin_memory",
 ]
 
 TASKS = ("continuation", "visualization")
+#: values of ``data.pin_memory``
+PIN_MEMORY = ("auto", True, False)
+
+
+def check_pin_memory(value: Any) -> bool | str:
+    """``data.pin_memory`` as given (``auto``, true or false); anything else is a one-line ConfigurationError."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ConfigurationError(f"data.pin_memory={value!r} is not valid: it must be one of auto, true, false "
+                             "(auto: pinned exactly when training runs on CUDA).")
+
+
+def resolve_pin_memory(value: Any, trainer: Any = None) -> bool:
+    """What the DataLoaders get for ``data.pin_memory``: true / false as given; ``auto``: true exactly when the batches
+    go to a CUDA device -- CUDA is available and, when a Lightning trainer is attached, its accelerator is CUDA (a
+    CPU run on a GPU machine pins nothing). Without a trainer (a data module used stand-alone, task=benchmark),
+    ``auto`` is whether CUDA is available."""
+    value = check_pin_memory(value)
+    if isinstance(value, bool):
+        return value
+    if not torch.cuda.is_available():
+        return False
+    accelerator = getattr(trainer, "accelerator", None) if trainer is not None else None
+    if accelerator is None:
+        return True
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    return isinstance(accelerator, CUDAAccelerator)
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -392,7 +428,9 @@ class StoryDataModule(L.LightningDataModule):
             :mod:`storyexp.data.frames`).
         text_key: caption dataset name; ``None`` auto-detects.
         train_split, val_split: group names of the training and validation splits.
-        pin_memory: passed to the DataLoaders.
+        pin_memory: ``auto`` (the data configs' default), true or false: page-locked batches, so the host-to-device
+            copy is asynchronous. ``auto`` resolves when the loaders are built (:func:`resolve_pin_memory`): true
+            exactly when the attached trainer runs on CUDA (no trainer: when CUDA is available).
         sentence_embeddings: add ``batch["sentence_embeds"]`` (float32 ``[B, 5, D]``), the per-frame sentence
             embeddings the dataset ships (StoryDALL-E's story-block input: the 512-d USE vectors of its raw
             PororoSV and FlintstonesSV archives). Only those raw readers have them; any other source (HDF5
@@ -428,7 +466,7 @@ class StoryDataModule(L.LightningDataModule):
         text_key: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         max_length: int | None = None,
         vocabulary: Sequence[str] | None = None,
         character_tokens: Sequence[str] | None = None,
@@ -480,7 +518,7 @@ class StoryDataModule(L.LightningDataModule):
             raise ConfigurationError(f"data.frame_fit={frame_fit!r} is not valid: it must be one of {FRAME_FITS}")
         self.frame_fit = frame_fit
         self.text_key = text_key
-        self.pin_memory = bool(pin_memory)
+        self.pin_memory = check_pin_memory(pin_memory)  # auto | true | false, resolved per loader (loader_pin_memory)
         self.sentence_embeddings = bool(sentence_embeddings)
         self.sentence_embedding_dim: int | None = None  # D, known once a split is set up
         # where a raw source stores several frames per caption: random in training, fixed for val/test
@@ -657,6 +695,11 @@ class StoryDataModule(L.LightningDataModule):
             self.datasets[split] = self._build(split)
         return self.datasets[split]
 
+    @property
+    def loader_pin_memory(self) -> bool:
+        """``pin_memory`` as the DataLoaders get it (``auto`` resolved against the attached trainer)."""
+        return resolve_pin_memory(self.pin_memory, getattr(self, "trainer", None))
+
     def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None,
                 dataset: StoryItems | None = None) -> DataLoader:
         return DataLoader(
@@ -666,7 +709,7 @@ class StoryDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory,
             collate_fn=collate_stories,
             drop_last=False,
         )
@@ -708,7 +751,7 @@ class StoryDataModule(L.LightningDataModule):
             sampler=ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory,
             collate_fn=collate_stories,
             drop_last=False,
             # the iterator draws its workers' base seed from this, not from the global RNG: creating the

@@ -62,6 +62,8 @@ SPLITS = ("train", "val", "test")
 FORMAT_NAME = "storyexp-arldm-hdf5"
 FORMAT_VERSION = 1
 _CAPTION_SEP = "|"
+# handles a forked process inherited from its parent: set aside unread (see HDF5Stories._group)
+_INHERITED_HANDLES: list[h5py.File] = []
 
 
 # --------------------------------------------------------------------------------------------- PNG codec
@@ -110,8 +112,11 @@ def _decode_attr(value: Any) -> Any:
 class HDF5Stories(Sequence):
     """The stories of one split of an ARLDM-layout HDF5 file, as a ``Sequence[Story]``.
 
-    The file is opened lazily, once per process, on first item access: instances are pickle-safe (the open
-    handle is never pickled) and reopen the file after a ``fork`` (DataLoader workers). The structure of the
+    The file is opened lazily, once per process, on first item access (keyed by process id): instances are
+    pickle-safe (the open handle is never pickled), and a DataLoader worker forked after the parent read a story
+    opens its own handle on its first read, leaving the inherited one untouched (h5py state shared through
+    ``fork`` is a known source of corrupt reads and crashes). PNG decoding happens in :meth:`read_story`, i.e. in
+    the worker that reads the story. The structure of the
     split is checked when the instance is built; per-story problems (bad PNG bytes, wrong caption count) are
     reported when the story is read. Every error is a :class:`StoryDataError` naming file, split, story
     and field, except a missing file (:class:`FileNotFoundError`).
@@ -232,14 +237,27 @@ class HDF5Stories(Sequence):
     def _group(self) -> h5py.Group:
         pid = os.getpid()
         if self._handle is None or self._pid != pid:
-            # After a fork the inherited handle belongs to the parent's HDF5 state: drop it, open our own.
+            if self._handle is not None:
+                # After a fork the inherited handle belongs to the parent's HDF5 state: never read or close it
+                # here (closing would run HDF5's file close on the parent's state copy); keep it referenced so
+                # that it is not deallocated in this process either, and open our own.
+                _INHERITED_HANDLES.append(self._handle)
             self._handle = h5py.File(self.path, "r")
             self._pid = pid
         return self._handle[self.split]
 
+    @property
+    def handle_pid(self) -> int | None:
+        """The process that opened the handle in use (``None`` while none is open): after a ``fork``, the first read
+        in a DataLoader worker opens the worker's own."""
+        return self._pid if self._handle is not None else None
+
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
+        if self._handle is not None:
+            if self._pid == os.getpid():
+                self._handle.close()
+            else:  # inherited through fork: the parent's to close
+                _INHERITED_HANDLES.append(self._handle)
         self._handle = None
         self._pid = None
 

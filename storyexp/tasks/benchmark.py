@@ -109,8 +109,12 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def prepare(cfg: DictConfig, device: torch.device):
-    """(datamodule, model, trainable params, AdamW, autocast context) of a config, set up for timing on `device`."""
+    """(datamodule, model, trainable params, AdamW, autocast context) of a config, set up for timing on `device`
+    (its blocks checkpointed / compiled when the config asks, as a fit's: `strategies.prepare_blocks`)."""
+    from storyexp.tasks.strategies import prepare_blocks
+
     datamodule, model = build_data_and_model(cfg)
+    prepare_blocks(cfg, model)
     dtype = AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
     autocast = torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
     datamodule.prepare_data()

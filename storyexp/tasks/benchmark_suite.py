@@ -24,6 +24,9 @@ and the case's own, then the switch's `with` (side `on`) or `without` (side `off
 not compose (a key this config tree does not have, e.g. a switch not implemented yet) or whose config is refused by
 the checks of `storyexp/tasks/validate.py` is reported skipped, with the reason, and the suite goes on.
 
+Every case runs on one device: the last `benchmark.device` of the suite's overrides and the command line (the
+command line wins; `benchmark.device=cuda` without a GPU is one error before any case runs).
+
 Measures, each repeated `benchmark.repeats` times (a switch case alternates on and off within every repetition,
 each repetition starting with the other side, so both see the same machine load); reported as the repetitions'
 values, their median and their min:
@@ -35,10 +38,17 @@ values, their median and their min:
                           set of the process (reset at every repetition through /proc/self/clear_refs); both sides'
                           models are resident during a switch case. peak_memory_added_gb: that peak less what was
                           held when the repetition began (what the measured work itself adds; on CPU the resident set
-                          includes what earlier cases left, PyTorch's allocator keeping freed memory)
+                          includes what earlier cases left, PyTorch's allocator keeping freed memory).
+                          peak_memory_own_gb: that peak less what the other side of a switch holds (its weights,
+                          buffers, gradients and optimizer states): what the side would peak at alone
 and once per case, on its `on` (or only) config:
-    loader_s_per_story    iterating the training loader alone (`benchmark.loader_batches` batches);
-                          loader_stories_per_s = 1 / its median
+    loader_s_per_story    iterating the training loader alone (`benchmark.loader_batches` batches per repetition,
+                          the same loader every time, after one untimed batch: persistent workers' start-up is a
+                          one-off of a run, not a cost per step); loader_stories_per_s = 1 / its median
+    loader_headroom       a case measuring both train and loader: loader_stories_per_s / train_stories_per_s of the
+                          side the loader was measured on (> 1: the loader keeps up with the training step; < 1:
+                          the step waits for data, flagged "loader-bound", loader_bound = true). The loader runs
+                          with the case's `data.num_workers`, in this process while the model is idle
     fid_s_per_frame       the FID path (storyexp/metrics/fid.py: fid64 / native pre-processing, pytorch-fid's
                           Inception pool3 features) on the generated frames, repeated to `benchmark.fid_frames`;
                           fid_frames_per_s = 1 / its median. Weights: eval.fid.weights or the usual look-up; without a
@@ -48,14 +58,20 @@ and once per case, on its `on` (or only) config:
                           computed from the state dict; checkpoint_full_mb every tensor; params_total/params_trainable
 A switch case also reports, per timed measure, ratio = on median / off median and speedup = off median / on median
 (> 1: the switch helps). Weights are as built (no checkpoint, a demo stage 1 is not fitted), so the figures are
-speed and memory, not quality.
+speed and memory, not quality. On CUDA the models are built directly on the device (random initialisation there;
+`built_on` says where, a builder that cannot run there is built on the CPU and moved); `activation_checkpointing`
+wraps the model's blocks as a fit does (`checkpointed_blocks`); between cases the memory is collected, so each case
+measures its own peak.
 
 Writes `<output_dir>/benchmark.json` (context, every case with its overrides and raw values) and
-`<output_dir>/benchmark.md` (the ratios first, then one row per case, then the skipped cases).
+`<output_dir>/benchmark.md` (a headline line on the loader headroom, the ratios, then one row per case with its
+loader headroom, then the skipped cases), rewritten after every case, so a run stopped by a time limit keeps what
+it measured (`context.complete` false, `cases_done` of `cases_total`).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -209,15 +225,41 @@ def _first_line(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ one side
 
 
+def prepare_on_device(cfg: DictConfig, device: torch.device) -> tuple[tuple, str]:
+    """`storyexp.tasks.benchmark.prepare` with the model built directly on a CUDA `device` (random initialisation of a
+    published-size model takes seconds there instead of a minute on the CPU), falling back to a CPU build when a
+    builder cannot run under the device context; and where it was built."""
+    from storyexp.tasks.benchmark import prepare
+
+    if device.type != "cuda":
+        return prepare(cfg, device), "cpu"
+    try:
+        with torch.device(device):
+            return prepare(cfg, device), device.type
+    except (ConfigurationError, MissingResourceError):
+        raise
+    except Exception as err:  # a builder that needs CPU tensors: build there, then move
+        why = _first_line(err)[:200]
+    gc.collect()
+    torch.cuda.empty_cache()
+    return prepare(cfg, device), f"cpu (on {device.type}: {why})"
+
+
 class Side:
-    """One composed config of a case, built and ready: data module, model on the device, optimizer, a fixed
-    validation batch for sampling."""
+    """One composed config of a case, built and ready: data module, model on the device (activation checkpointing
+    and compile applied when the config asks, as `build_trainer` does for a fit), optimizer, a fixed validation batch for
+    sampling."""
 
     def __init__(self, cfg: DictConfig, device: torch.device):
-        from storyexp.tasks.benchmark import _batches, prepare, to_device
+        from storyexp.tasks.benchmark import _batches, to_device
+        from storyexp.tasks.strategies import block_modules, checkpoint_wrapper_of
 
         self.cfg, self.device = cfg, device
-        self.datamodule, self.model, self.params, self.optimizer, self.autocast = prepare(cfg, device)
+        (self.datamodule, self.model, self.params, self.optimizer, self.autocast), self.built_on = \
+            prepare_on_device(cfg, device)
+        # `prepare` checkpointed / compiled the blocks as the config asks (strategies.prepare_blocks)
+        self.checkpointed = sum(checkpoint_wrapper_of(b, self.model) is not None for b in block_modules(self.model)) \
+            if cfg.get("activation_checkpointing") else 0
         opts = cfg.benchmark
         self.steps, self.warmup = int(opts.steps), int(opts.warmup)
         if bool(cfg.data.get("precompute", False)):  # as a fit's on_fit_start (frozen_inputs.use_precomputed)
@@ -261,6 +303,22 @@ class Side:
             self.model.train()
         return seconds / int(self.generated.shape[0])
 
+    def resident_gb(self) -> float:
+        """What this side holds on its device now: weights, buffers, gradients and optimizer states (each storage
+        once)."""
+        seen, total = set(), 0
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values()]
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device.type:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total / 1024**3
+
     def close(self) -> None:
         if bool(self.cfg.data.get("precompute", False)):
             self.datamodule.detach_precomputed()
@@ -276,11 +334,13 @@ def measure_repeated(sides: dict[str, Side], measure: list[str], repeats: int) -
     values: dict[str, dict[str, list[float]]] = {n: {m: [] for m in measure if m in REPEATED} for n in names}
     peaks: dict[str, float] = {n: 0.0 for n in names}
     added: dict[str, float] = {n: 0.0 for n in names}
+    own: dict[str, float] = {n: 0.0 for n in names}
     for name in names:
         sides[name].warm_up(measure)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             side = sides[name]
+            others = sum(sides[n].resident_gb() for n in names if n != name)
             reset_peak_memory(side.device)
             before = current_memory_gb(side.device)
             if "train" in measure:
@@ -290,6 +350,7 @@ def measure_repeated(sides: dict[str, Side], measure: list[str], repeats: int) -
             peak = peak_memory_gb(side.device)
             peaks[name] = max(peaks[name], peak)
             added[name] = max(added[name], peak - before)
+            own[name] = max(own[name], peak - others)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         row: dict[str, Any] = {f"{m}_s_per_story": _summary(v) for m, v in values[name].items()}
@@ -297,25 +358,47 @@ def measure_repeated(sides: dict[str, Side], measure: list[str], repeats: int) -
             row["train_stories_per_s"] = 1.0 / row["train_s_per_story"]["median"]
         row["peak_memory_gb"] = peaks[name]
         row["peak_memory_added_gb"] = added[name]
+        row["peak_memory_own_gb"] = max(own[name], 0.0)
         out[name] = row
     return out
 
 
 def measure_loader(side: Side, repeats: int) -> dict[str, Any]:
+    """Seconds per story of the training loader alone: one loader (its persistent workers started by an untimed
+    first batch), `benchmark.loader_batches` batches per repetition, epochs restarted as needed."""
     batches = int(side.cfg.benchmark.loader_batches)
+    loader = side.datamodule.train_dataloader()
+    it = iter(loader)
+    next(it)  # untimed: starts the workers (once per run in training)
+
+    def following():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+
     values = []
     for _ in range(repeats):
-        start, stories, it = time.perf_counter(), 0, iter(side.datamodule.train_dataloader())
+        start, stories = time.perf_counter(), 0
         for _ in range(batches):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(side.datamodule.train_dataloader())
-                batch = next(it)
-            stories += int(batch["frames"].shape[0])
+            stories += int(following()["frames"].shape[0])
         values.append((time.perf_counter() - start) / stories)
+    del it
     summary = _summary(values)
-    return {"loader_s_per_story": summary, "loader_stories_per_s": 1.0 / summary["median"]}
+    return {"loader_s_per_story": summary, "loader_stories_per_s": 1.0 / summary["median"],
+            "loader_workers": int(side.datamodule.num_workers)}
+
+
+def loader_headroom(row: dict[str, Any]) -> float | None:
+    """loader stories/s / training stories/s of the side the loader was measured on (None unless both were)."""
+    loader = (row.get("model_measures") or {}).get("loader_stories_per_s")
+    side = (row.get("sides") or {}).get("on" if row.get("switch") else "base") or {}
+    train = side.get("train_stories_per_s")
+    if loader is None or train is None:
+        return None
+    return float(loader) / float(train)
 
 
 _INCEPTION: dict[str, Any] = {}
@@ -418,6 +501,8 @@ def run_case(parent: DictConfig, suite: dict[str, Any], case: dict[str, Any], de
         for side, cfg in cfgs.items():
             built[side] = Side(cfg, device)
         row["repeats"] = repeats
+        row["built_on"] = {side: b.built_on for side, b in built.items()}
+        row["checkpointed_blocks"] = {side: b.checkpointed for side, b in built.items()}
         row["sides"] = measure_repeated(built, case["measure"], repeats)
         main = built["on" if switch else "base"]
         once: dict[str, Any] = {}
@@ -429,6 +514,10 @@ def run_case(parent: DictConfig, suite: dict[str, Any], case: dict[str, Any], de
             once.update(measure_checkpoint(main))
         row["model_measures"] = once
         row["batch_size"] = int(main.cfg.data.batch_size)
+        headroom = loader_headroom(row)
+        if headroom is not None:
+            row["loader_headroom"] = headroom
+            row["loader_bound"] = headroom < 1.0
         if switch:
             timed = [k for k in row["sides"]["on"] if isinstance(row["sides"]["on"][k], dict)]
             on, off = row["sides"]["on"], row["sides"]["off"]
@@ -438,9 +527,23 @@ def run_case(parent: DictConfig, suite: dict[str, Any], case: dict[str, Any], de
         for side in built.values():
             side.close()
         del built
+        gc.collect()  # the next case measures its own peak (both sides of a published-size switch are large)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     row["seconds"] = time.perf_counter() - start
     print(f"benchmark suite: case {case['name']} done in {row['seconds']:.1f} s", flush=True)
     return row
+
+
+def suite_device(cfg: DictConfig, suite: dict[str, Any]) -> str:
+    """The device every case runs on: the last `benchmark.device=` of the suite's overrides and this run's command line
+    (the command line wins), else this run's `benchmark.device`."""
+    name = str(cfg.benchmark.device)
+    for override in suite["overrides"] + inherited_overrides():
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "benchmark.device":
+            name = value
+    return name
 
 
 def machine() -> dict[str, Any]:
@@ -460,17 +563,26 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from storyexp.tasks.benchmark import resolve_device
 
     suite = load_suite(str(cfg.benchmark.suite))
-    device = resolve_device(str(cfg.benchmark.device))
+    device = resolve_device(suite_device(cfg, suite))  # benchmark.device=cuda without a GPU: one error, before any case
     start = time.perf_counter()
-    cases = [run_case(cfg, suite, case, device) for case in suite["cases"]]
     command = "python launch.py " + " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-    context = {**machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "suite": str(cfg.benchmark.suite), "suite_file": suite["path"], "command": command,
-               "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start}
-    report = {"context": context, "cases": cases}
     out = Path(cfg.paths.output_dir)
-    atomic_write_text(out / "benchmark.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "benchmark.md", markdown(report))
+
+    def write(cases: list[dict[str, Any]]) -> dict[str, Any]:
+        context = {**machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "suite": str(cfg.benchmark.suite), "suite_file": suite["path"], "command": command,
+                   "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - start,
+                   "cases_done": len(cases), "cases_total": len(suite["cases"]),
+                   "complete": len(cases) == len(suite["cases"])}
+        report = {"context": context, "cases": cases}
+        atomic_write_text(out / "benchmark.json", json.dumps(report, indent=2))
+        atomic_write_text(out / "benchmark.md", markdown(report))
+        return report
+
+    cases: list[dict[str, Any]] = []
+    for case in suite["cases"]:
+        cases.append(run_case(cfg, suite, case, device))
+        report = write(cases)  # after every case: a run stopped early (a time limit) keeps what it measured
     print(markdown(report))
     print(f"benchmark.json, benchmark.md: {out}")
     return flat_metrics(cases)
@@ -489,6 +601,8 @@ def flat_metrics(cases: list[dict[str, Any]]) -> dict[str, float]:
                 metrics[f"{prefix}/{key}" if side == "base" else f"{prefix}/{side}/{key}"] = float(value)
         for key, value in case.get("speedup", {}).items():
             metrics[f"{prefix}/speedup/{key}"] = float(value)
+        if "loader_headroom" in case:
+            metrics[f"{prefix}/loader_headroom"] = float(case["loader_headroom"])
     return metrics
 
 
@@ -505,12 +619,35 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _headroom_cell(case: dict[str, Any], side: str) -> str:
+    """The cases table's loader headroom: on the row of the side the loader was measured on."""
+    if "loader_headroom" not in case or side != ("on" if case["switch"] else "base"):
+        return "-"
+    value = case["loader_headroom"]
+    return f"{value:.3g}" + (" (loader-bound)" if value < 1.0 else "")
+
+
+def headroom_line(cases: list[dict[str, Any]]) -> str:
+    """The headline's loader line: the lowest headroom and every loader-bound case (empty when none was measured)."""
+    measured = [c for c in cases if c["status"] == "ok" and "loader_headroom" in c]
+    if not measured:
+        return ""
+    low = min(measured, key=lambda c: c["loader_headroom"])
+    bound = [c["name"] for c in measured if c["loader_headroom"] < 1.0]
+    verdict = (f"{len(bound)} of {len(measured)} cases loader-bound: {', '.join(bound)}." if bound else
+               f"the loader keeps up in all {len(measured)} cases measured.")
+    return (f"Loader headroom (loader stories/s / training stories/s; < 1: loader-bound): lowest "
+            f"{low['loader_headroom']:.3g} ({low['name']}); {verdict}")
+
+
 def markdown(report: dict[str, Any]) -> str:
     ctx, cases = report["context"], report["cases"]
     lines = [f"# Benchmark suite `{ctx['suite']}`", "",
              f"{ctx['date']}; {ctx['device']} ({ctx['cpu']}, {ctx['cpu_count']} cores, {ctx['torch_threads']} "
              f"torch threads), torch {ctx['torch']}; {ctx['seconds']:.0f} s in all.",
-             f"Command: `{ctx['command']}`" if ctx.get("command") else "", ""]
+             f"Command: `{ctx['command']}`" if ctx.get("command") else "", headroom_line(cases),
+             "" if ctx.get("complete", True) else f"**Incomplete**: {ctx['cases_done']} of {ctx['cases_total']} "
+             "cases measured so far (the run is going on, or stopped early).", ""]
     switches = [c for c in cases if c["status"] == "ok" and c["switch"]]
     if switches:
         lines += ["## Switches (on against off, same run, interleaved repetitions)", "",
@@ -523,8 +660,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Cases (median / min of the repetitions)", "",
               "| case | model | stories/batch | reps | train stories/s | train s/story | sample s/story | peak GB "
-              "(added) | loader stories/s | FID frames/s | ckpt MB lean / full | params |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(added) | peak GB own | loader stories/s | loader headroom | FID frames/s | ckpt MB lean / full | "
+              "params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if c["status"] != "ok":
             continue
@@ -535,8 +673,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {c['model']} | {c['batch_size']} | {c['repeats']} | "
                          f"{_f(row.get('train_stories_per_s'))} | {_f(row.get('train_s_per_story'))} | "
                          f"{_f(row.get('sample_s_per_story'))} | {row['peak_memory_gb']:.2f} "
-                         f"({row['peak_memory_added_gb']:.2f}) | "
-                         f"{_f(m.get('loader_stories_per_s'))} | {_f(m.get('fid_frames_per_s'))} | {ckpt} | "
+                         f"({row['peak_memory_added_gb']:.2f}) | {row.get('peak_memory_own_gb', 0.0):.2f} | "
+                         f"{_f(m.get('loader_stories_per_s'))} | {_headroom_cell(c, side)} | "
+                         f"{_f(m.get('fid_frames_per_s'))} | {ckpt} | "
                          f"{_f(float(m['params_total']) / 1e6) + ' M' if 'params_total' in m else '-'} |")
     fid = sorted({c["model_measures"]["fid_weights"] for c in cases
                   if c["status"] == "ok" and "fid_weights" in c["model_measures"]})

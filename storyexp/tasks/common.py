@@ -52,6 +52,7 @@ def instantiate(node: DictConfig, **kwargs):
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    apply_float32_matmul_precision(cfg)  # task start: every task builds its data module first
     return instantiate(cfg.data)
 
 
@@ -90,6 +91,28 @@ def _targets(group: DictConfig | None) -> list[DictConfig]:
     if not group:
         return []
     return [node for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+#: values of the top-level `float32_matmul_precision` (torch.set_float32_matmul_precision)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def check_float32_matmul_precision(value) -> str:
+    """`float32_matmul_precision` as given; anything else is a one-line ConfigurationError naming the key."""
+    if not isinstance(value, str) or value not in MATMUL_PRECISIONS:
+        raise ConfigurationError(f"float32_matmul_precision={value!r} is not valid: it must be one of "
+                                 f"{', '.join(MATMUL_PRECISIONS)} (high: TF32 matmuls on Ampere+ GPUs).")
+    return value
+
+
+def apply_float32_matmul_precision(cfg: DictConfig) -> str:
+    """`torch.set_float32_matmul_precision(cfg.float32_matmul_precision)` (default `highest`: full float32); returns
+    the value set. `high` lets float32 matmuls use TF32 tensor cores on Ampere and later GPUs; `medium` allows
+    bfloat16 internally. Applied by `build_datamodule`, which every task calls first (before seeding and building
+    the model), so it holds for the whole task."""
+    value = check_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
+    torch.set_float32_matmul_precision(value)
+    return value
 
 
 def build_data_and_model(cfg: DictConfig):

@@ -12,6 +12,11 @@ BLIP-text layers).
   `torch.utils.checkpoint`): its activations are recomputed in backward instead of kept. The same switch for every
   strategy (one GPU, DDP, FSDP, DeepSpeed), applied here once, before the strategy wraps the model; state-dict keys
   do not change (the wrapper strips its own prefix), so checkpoints move between runs with it on and off.
+- `compile=true` (conf/config.yaml) compiles each block in place with `torch.compile` (`nn.Module.compile`, after
+  checkpointing wraps it); the state-dict keys do not change. Shapes are torch's default "automatic dynamic": a
+  block is recompiled once with symbolic sizes when a size changes (a decoding step's keys grow by one position per
+  step). `dynamic=True` from the start fails in inductor's CPU code generation for minDALL-E's blocks (torch 2.14). The first calls pay the compilation (tens of seconds per model on a CPU); off by default. Not combined
+  with FSDP / DeepSpeed here (they wrap or partition the blocks after this point).
 - `trainer=fsdp`: Lightning's `FSDPStrategy` with an `auto_wrap_policy` that makes each block (or its checkpoint
   wrapper: FSDP outside, checkpointing inside, torch's recommended order) one FSDP unit, gathered only while it
   runs. The rest (embeddings, heads, norms, frozen VQGAN / VAE) is the root unit.
@@ -64,10 +69,14 @@ def strategy_kind(trainer: Any) -> str | None:
 
 def check_strategy_config(cfg: dict[str, Any]) -> None:
     """One ConfigurationError line for a sharding or checkpointing option that cannot work (the resolved config)."""
-    ac = cfg.get("activation_checkpointing", False)
-    if not isinstance(ac, bool):
-        raise ConfigurationError(f"activation_checkpointing={ac!r} is not valid: it must be true or false.")
+    for key in ("activation_checkpointing", "compile"):
+        value = cfg.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{key}={value!r} is not valid: it must be true or false.")
     trainer = cfg.get("trainer") or {}
+    if cfg.get("compile", False) and strategy_kind(trainer):
+        raise ConfigurationError(f"compile=true is not supported with trainer={strategy_kind(trainer)}: compile "
+                                 "with trainer=gpu / ddp, or train sharded without compile=true.")
     node = trainer.get("strategy")
     if isinstance(node, dict) and "_target_" in node and node["_target_"] not in KINDS:
         return  # another strategy class: Lightning checks its own arguments
@@ -153,6 +162,22 @@ def apply_activation_checkpointing(model: nn.Module) -> list[nn.Module]:
     return [checkpoint_wrapper_of(b, model) for b in blocks]
 
 
+def apply_compile(model: nn.Module) -> list[nn.Module]:
+    """`torch.compile` every declared block in place (automatic dynamic shapes; keys unchanged). Returns them."""
+    blocks = block_modules(model)
+    for block in blocks:
+        block.compile()
+    return blocks
+
+
+def prepare_blocks(cfg: DictConfig, model: nn.Module) -> None:
+    """What the config asks of the model's blocks before a strategy wraps them: checkpointing, then compiling."""
+    if cfg.get("activation_checkpointing", False):
+        apply_activation_checkpointing(model)
+    if cfg.get("compile", False):
+        apply_compile(model)
+
+
 def sharding_units(model: nn.Module) -> list[nn.Module]:
     """What FSDP wraps: each declared block, or its checkpoint wrapper when it has one."""
     return [checkpoint_wrapper_of(b, model) or b for b in block_modules(model)]
@@ -171,10 +196,9 @@ def fsdp_wrap_policy(units: list[nn.Module]):
 
 
 def scale_model(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """Apply activation checkpointing when asked, and build an FSDP / DeepSpeed strategy for `model`: the Trainer
-    keyword arguments that replace the config's (empty for any other strategy)."""
-    if cfg.get("activation_checkpointing", False):
-        apply_activation_checkpointing(model)
+    """Apply activation checkpointing and compilation when asked (`prepare_blocks`), and build an FSDP / DeepSpeed
+    strategy for `model`: the Trainer keyword arguments that replace the config's (empty for any other strategy)."""
+    prepare_blocks(cfg, model)
     trainer = cfg.trainer
     kind = strategy_kind(trainer)
     if kind is None:

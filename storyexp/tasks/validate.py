@@ -1,9 +1,9 @@
 """The whole config is checked before anything heavy is built: every mistake is one line naming key, value and fix.
 
 What is checked here: that the config resolves, the trainer's run-length / device / precision keys, the data loader
-sizes, `seed`, task=benchmark's suite options (`benchmark.suite` names a suite file), and the model's own options
-through its system's `check_config` (the story-system contract, `storyexp.systems.base.StorySystem.check_config`),
-located from `model._target_` without building anything.
+sizes, `seed`, `float32_matmul_precision`, task=benchmark's suite options (`benchmark.suite` names a suite file), and
+the model's own options through its system's `check_config` (the story-system contract,
+`storyexp.systems.base.StorySystem.check_config`), located from `model._target_` without building anything.
 Lightning and the systems would reject most of these too, but only after data and weights are loaded, and with a
 traceback.
 """
@@ -60,6 +60,7 @@ def validate_config(cfg: DictConfig) -> None:
     resolved = _resolved(cfg)
     _require(resolved.get("seed") is None or _is_int(resolved.get("seed")), "seed", resolved.get("seed"),
              "an integer or null")
+    _check_matmul_precision(resolved)
     trainer = resolved.get("trainer") or {}
     for key, (test, want) in TRAINER_KEYS.items():
         if key in trainer and not (trainer[key] is None and key in OPTIONAL):
@@ -80,6 +81,14 @@ def validate_config(cfg: DictConfig) -> None:
         check = getattr(get_class(str(model._target_)), "check_config", None)
         if check is not None:
             check(resolved["model"])
+
+
+def _check_matmul_precision(resolved: dict[str, Any]) -> None:
+    """The top-level `float32_matmul_precision` (applied at task start: storyexp.tasks.common)."""
+    from storyexp.tasks.common import check_float32_matmul_precision
+
+    if "float32_matmul_precision" in resolved:
+        check_float32_matmul_precision(resolved["float32_matmul_precision"])
 
 
 def _check_eval(ev: dict[str, Any]) -> None:
