@@ -17,7 +17,7 @@ from .conftest import CONF, TINY_DEMO, compose_cfg, run_composed
 
 SUITE = """
 overrides: [benchmark.device=cpu, benchmark.steps=1, benchmark.warmup=0, benchmark.repeats=2, benchmark.fid_frames=1,
-            benchmark.loader_batches=2, "eval.fid.protocols=[fid64]"]
+            benchmark.loader_batches=2, "eval.fid.protocols=[fid64]", benchmark.peak_tflops=0.5]
 cases:
   - {name: mega_tiny, model: mega_tiny, measure: [train, checkpoint]}
   - name: mega_tiny/skip_unconditional
@@ -115,7 +115,8 @@ def test_suite_options_are_checked(tmp_path):
 
     cfg = compose_cfg(["task=benchmark", "model=mega_tiny"], tmp_path)
     for key, value, match in (("suite", "no_such_suite", "Known suites: cpu"), ("repeats", 0, "benchmark.repeats"),
-                              ("fid_frames", 0, "benchmark.fid_frames")):
+                              ("fid_frames", 0, "benchmark.fid_frames"), ("peak_tflops", 0, "benchmark.peak_tflops"),
+                              ("peak_tflops", "fast", "benchmark.peak_tflops")):
         bad = cfg.copy()
         with open_dict(bad):
             bad.benchmark[key] = value
@@ -274,3 +275,49 @@ def test_a_side_applies_activation_checkpointing(tmp_path, shared_data_dir, suit
     wrapped = sum(isinstance(m, CheckpointWrapper) for m in side.model.modules())
     assert side.checkpointed == wrapped > 0 and side.built_on == "cpu"
     assert side.train_s_per_story() > 0 and side.resident_gb() > 0
+
+
+def test_training_flops_and_mfu(suite_run):
+    """Every timed training side reports the FLOPs of a step, the achieved TFLOP/s of its median step and, with the
+    chip's peak given (benchmark.peak_tflops=0.5 in the suite), the MFU; the table shows them."""
+    report, md = suite_run
+    for case in (c for c in report["cases"] if c["status"] == "ok" and "train" in c["measure"]):
+        for row in case["sides"].values():
+            assert row["train_tflop_per_story"] > 0
+            assert row["train_tflops"] == pytest.approx(row["train_tflop_per_story"] /
+                                                        row["train_s_per_story"]["median"])
+            assert row["mfu"] == pytest.approx(row["train_tflops"] / 0.5)
+    assert "train TFLOP/s (MFU)" in md and " %)" in md
+
+
+def test_training_step_flops_are_the_step_s_matmul_flops():
+    """Two linear layers, batch B: forward 2B(IH + HO); backward the weight gradients of both (2BIH + 2BHO) and the
+    input gradient of the second (2BHO), the first layer's input needing none: the count FlopCounterMode gives."""
+    from storyexp.tasks.benchmark import training_step_flops
+
+    B, I, H, O = 3, 5, 7, 2
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(I, H, bias=False), torch.nn.Linear(H, O, bias=False))
+
+        def training_step(self, batch, index):
+            return self.net(batch["x"]).square().mean()
+
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    flops = training_step_flops(model, optimizer, {"x": torch.randn(B, I)}, 0, torch.device("cpu"),
+                                torch.autocast("cpu", enabled=False))
+    assert flops == 2 * B * (I * H + H * O) + 2 * B * (I * H + H * O) + 2 * B * H * O
+
+
+def test_peak_tflops_by_chip_name(monkeypatch):
+    from storyexp.tasks import benchmark
+
+    assert benchmark.peak_tflops(torch.device("cpu")) is None
+    assert benchmark.peak_tflops(torch.device("cpu"), 100) == 100.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert benchmark.peak_tflops(torch.device("cuda")) == 989.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert benchmark.peak_tflops(torch.device("cuda")) is None

@@ -191,6 +191,33 @@ def _timed_step(model, optimizer, batch: dict[str, Any], index: int, device: tor
     return time.perf_counter() - start
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a word of
+# torch.cuda.get_device_name(); the denominator of MFU (benchmark.peak_tflops overrides it, e.g. for another chip).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The chip's dense bf16 peak in TFLOP/s: `override` when given, else looked up by the CUDA device's name (None
+    on a CPU or an unknown GPU: no MFU is reported)."""
+    if override is not None:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for chip, peak in PEAK_BF16_TFLOPS.items() if chip in name), None)
+
+
+def training_step_flops(model, optimizer, batch: dict[str, Any], index: int, device: torch.device, autocast) -> float:
+    """Floating-point operations of one training step (forward + backward; matmuls, convolutions and attention as
+    `torch.utils.flop_counter.FlopCounterMode` counts them): the numerator of MFU. Recomputation under activation
+    checkpointing is counted too (so with it on the ratio is hardware, not model, FLOP utilisation)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _timed_step(model, optimizer, batch, index, device, autocast)
+    return float(counter.get_total_flops())
+
+
 def time_training_steps(model, optimizer, datamodule, device: torch.device, autocast, warmup: int, steps: int
                         ) -> tuple[list[float], dict[str, Any]]:
     """Seconds of each of `steps` optimizer steps after `warmup` untimed ones, and the last batch."""

@@ -32,7 +32,10 @@ each repetition starting with the other side, so both see the same machine load)
 values, their median and their min:
     train_s_per_story     seconds per story of an optimizer step (mean of `benchmark.steps` steps after
                           `benchmark.warmup` untimed ones, taken once per side before the first repetition);
-                          train_stories_per_s = 1 / its median
+                          train_stories_per_s = 1 / its median. train_tflop_per_story: the FLOPs of one more untimed
+                          step after the warm-up (torch's FlopCounterMode: matmuls, convolutions, attention; forward
+                          and backward); train_tflops = that / the median s per story; mfu = train_tflops / the
+                          chip's dense bf16 peak (`benchmark.peak_tflops`, or known CUDA chips by name; none on CPU)
     sample_s_per_story    seconds per story of sampling one validation batch of whole stories (`generate`)
     peak_memory_gb        per side, the most over its repetitions: CUDA peak allocated, or on CPU the peak resident
                           set of the process (reset at every repetition through /proc/self/clear_refs); both sides'
@@ -91,7 +94,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from storyexp.errors import ConfigurationError, MissingResourceError
-from storyexp.tasks.benchmark import current_memory_gb, peak_memory_gb, reset_peak_memory
+from storyexp.tasks.benchmark import current_memory_gb, peak_memory_gb, peak_tflops, reset_peak_memory
 from storyexp.utils.io import atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -270,12 +273,23 @@ class Side:
         self.batches = _batches(self.datamodule, device)
         self.sample_batch = to_device(next(iter(self.datamodule.val_dataloader())), device)
         self.generated: torch.Tensor | None = None
+        self.train_flops_per_story: float | None = None
         self.step = 0
 
     def warm_up(self, measure: list[str]) -> None:
         if "train" in measure:
             for _ in range(self.warmup):
                 self._train_step()
+            self.train_flops_per_story = self._counted_train_step()
+
+    def _counted_train_step(self) -> float:
+        """FLOPs per story of one more (untimed) training step, counted (`benchmark.training_step_flops`)."""
+        from storyexp.tasks.benchmark import training_step_flops
+
+        batch = next(self.batches)
+        flops = training_step_flops(self.model, self.optimizer, batch, self.step, self.device, self.autocast)
+        self.step += 1
+        return flops / int(batch["frames"].shape[0])
 
     def _train_step(self) -> tuple[float, int]:
         from storyexp.tasks.benchmark import _timed_step
@@ -356,6 +370,13 @@ def measure_repeated(sides: dict[str, Side], measure: list[str], repeats: int) -
         row: dict[str, Any] = {f"{m}_s_per_story": _summary(v) for m, v in values[name].items()}
         if "train_s_per_story" in row:
             row["train_stories_per_s"] = 1.0 / row["train_s_per_story"]["median"]
+            flops = sides[name].train_flops_per_story
+            if flops is not None:  # achieved TFLOP/s of the median step, and MFU where the chip's peak is known
+                row["train_tflop_per_story"] = flops / 1e12
+                row["train_tflops"] = flops / row["train_s_per_story"]["median"] / 1e12
+                peak = peak_tflops(sides[name].device, sides[name].cfg.benchmark.get("peak_tflops"))
+                if peak:
+                    row["mfu"] = row["train_tflops"] / peak
         row["peak_memory_gb"] = peaks[name]
         row["peak_memory_added_gb"] = added[name]
         row["peak_memory_own_gb"] = max(own[name], 0.0)
@@ -627,6 +648,13 @@ def _headroom_cell(case: dict[str, Any], side: str) -> str:
     return f"{value:.3g}" + (" (loader-bound)" if value < 1.0 else "")
 
 
+def _throughput_cell(row: dict[str, Any]) -> str:
+    """Achieved training TFLOP/s, with the MFU where the chip's peak is known."""
+    if "train_tflops" not in row:
+        return "-"
+    return f"{row['train_tflops']:.3g}" + (f" ({100 * row['mfu']:.1f} %)" if "mfu" in row else "")
+
+
 def headroom_line(cases: list[dict[str, Any]]) -> str:
     """The headline's loader line: the lowest headroom and every loader-bound case (empty when none was measured)."""
     measured = [c for c in cases if c["status"] == "ok" and "loader_headroom" in c]
@@ -660,9 +688,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Cases (median / min of the repetitions)", "",
               "| case | model | stories/batch | reps | train stories/s | train s/story | sample s/story | peak GB "
-              "(added) | peak GB own | loader stories/s | loader headroom | FID frames/s | ckpt MB lean / full | "
-              "params |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(added) | peak GB own | train TFLOP/s (MFU) | loader stories/s | loader headroom | FID frames/s | "
+              "ckpt MB lean / full | params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         if c["status"] != "ok":
             continue
@@ -674,7 +702,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{_f(row.get('train_stories_per_s'))} | {_f(row.get('train_s_per_story'))} | "
                          f"{_f(row.get('sample_s_per_story'))} | {row['peak_memory_gb']:.2f} "
                          f"({row['peak_memory_added_gb']:.2f}) | {row.get('peak_memory_own_gb', 0.0):.2f} | "
-                         f"{_f(m.get('loader_stories_per_s'))} | {_headroom_cell(c, side)} | "
+                         f"{_throughput_cell(row)} | {_f(m.get('loader_stories_per_s'))} | {_headroom_cell(c, side)} | "
                          f"{_f(m.get('fid_frames_per_s'))} | {ckpt} | "
                          f"{_f(float(m['params_total']) / 1e6) + ' M' if 'params_total' in m else '-'} |")
     fid = sorted({c["model_measures"]["fid_weights"] for c in cases

@@ -131,6 +131,9 @@ def _check_benchmark(resolved: dict[str, Any]) -> None:
     for key in ("repeats", "loader_batches", "fid_frames"):
         if key in bench:
             _require(_is_int(bench[key]) and bench[key] >= 1, f"benchmark.{key}", bench[key], "an integer >= 1")
+    peak = bench.get("peak_tflops")
+    _require(peak is None or (isinstance(peak, (int, float)) and not isinstance(peak, bool) and peak > 0),
+             "benchmark.peak_tflops", peak, "null or the chip's bf16 peak in TFLOP/s (> 0)")
     suite = bench.get("suite")
     if suite is not None:
         _require(isinstance(suite, str) and suite != "", "benchmark.suite", suite,
