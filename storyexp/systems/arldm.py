@@ -79,12 +79,15 @@ class ARLDMSystem(StorySystem):
         characters: names added to both tokenizers (the dataset's recurring characters).
         max_length: caption length S in tokens for CLIP and BLIP (CLIP positions are extended to S).
         image_size: training/sampling resolution (square).
-        network: how to build the networks (`source: pretrained` folders, or `source: sizes`).
+        network: how to build the networks (`source: pretrained` folders, or `source: sizes`); `channels_last`
+            (not a builder option): the UNet and VAE in NHWC memory format (a GPU speed-up; same weights).
         train: cfg_dropout (per-frame classifier-free dropout), the freeze switches (freeze_embeddings: the frozen
             encoders' token tables too, so their outputs can be precomputed), `mode` finetune | lora (peft
             adapters on the UNet's attention, options under `lora`: r, alpha, dropout, target_modules).
         optimizer: AdamW settings. lr_schedule: warm-up (steps or epochs), then cosine to 0.
-        sampler: scheduler name, steps, guidance scale, eta; used by validation grids, test and sample.
+        sampler: scheduler name, steps, guidance scale, eta, skip_unread_feedback (skip the last target's BLIP
+            feedback, which no frame reads: the same frames, one BLIP forward fewer); used by validation grids,
+            test and sample.
         recipe: run length and clipping read by the trainer config (kept here for the record).
         blip_fit: how dataset frames reach BLIP's square input: squash (Pororo/Flintstones) or center_crop
             (the SSID/VIST readers' Resize + CenterCrop).
@@ -118,6 +121,10 @@ class ARLDMSystem(StorySystem):
             make_scheduler(str(sampler.get("scheduler")), {})
         except ConfigurationError as err:
             raise ConfigurationError(f"model.sampler.scheduler={sampler.get('scheduler')!r}: {err}") from None
+        for key, value in (("model.sampler.skip_unread_feedback", sampler.get("skip_unread_feedback", True)),
+                           ("model.network.channels_last", (model.get("network") or {}).get("channels_last", False))):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{key}={value!r} is not valid: it must be true or false.")
         fit = model.get("blip_fit", "squash")
         if fit not in BLIP_FITS:
             raise ConfigurationError(f"model.blip_fit={fit!r} is not valid: it must be one of {BLIP_FITS}.")
@@ -155,6 +162,8 @@ class ARLDMSystem(StorySystem):
         self._null_cache: dict[str, torch.Tensor] | None = None  # `constant_nulls`: set during a fit only
         if train.get("mode") == "lora":
             self.apply_lora()
+        if (network or {}).get("channels_last", False):  # after building / loading: the values stay as built
+            self.net.use_channels_last(True)
 
     # ------------------------------------------------------------------------------------------- freezing
 
@@ -453,5 +462,17 @@ class ARLDMSystem(StorySystem):
             height=self.image_size,
             width=self.image_size,
             generator=per_row(generators, K),
+            skip_unread_feedback=bool(settings.get("skip_unread_feedback", True)),
         )
         return images.view(B, K, *images.shape[1:])
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """As every system's, and with `network.channels_last` the saved tensors in the default (contiguous)
+        format: the checkpoint is the one the switch off writes."""
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if self.net.channels_last and isinstance(state, dict) and not self._sharded():
+            checkpoint["state_dict"] = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
+                                        for k, v in state.items()}

@@ -1,5 +1,6 @@
-"""Sampling schedulers by name: `ddim`, `pndm` (AR-LDM's two, set up as the original did) or any diffusers
-scheduler class name (e.g. `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`).
+"""Sampling schedulers by name: `ddim`, `pndm` (AR-LDM's two, set up as the original did), the fewer-step
+multistep solvers `dpm` (DPM-Solver++, 2nd order) and `unipc` (UniPC, bh2 predictor-corrector), `euler`, `ddpm`,
+or any diffusers scheduler class name (e.g. `DPMSolverMultistepScheduler`, `EulerDiscreteScheduler`).
 
 All of them take the training noise schedule (β range, schedule type, T) from the DDPM scheduler the model
 was trained with, so a checkpoint is always sampled with its own schedule.
@@ -16,7 +17,13 @@ from storyexp.errors import ConfigurationError
 ALIASES = {
     "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 0}),
-    "dpm": ("DPMSolverMultistepScheduler", {}),
+    # DPM-Solver++ 2M (Lu et al. 2022): 2nd-order multistep data prediction. These are diffusers' defaults (0.42),
+    # made explicit so that a change of those defaults cannot change what `dpm` means; the rest stays diffusers'
+    # default (midpoint solver type, lower-order final steps, final sigma 0, linspace timestep spacing)
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # UniPC (Zhao et al. 2023): the bh2 predictor-corrector on x0 prediction, 2nd order (diffusers' defaults, made
+    # explicit the same way; corrector on every step, lower-order final steps, linspace timestep spacing)
+    "unipc": ("UniPCMultistepScheduler", {"solver_type": "bh2", "predict_x0": True, "solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),
     "ddpm": ("DDPMScheduler", {"clip_sample": False}),
 }

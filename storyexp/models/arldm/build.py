@@ -47,9 +47,10 @@ from .loading import (
 
 PRETRAINED_KEYS = ("stable_diffusion", "blip_checkpoint", "bert_tokenizer")
 # keys of `model.network` that are not sizes: read by the builder (the pretrained ones are inherited from the
-# published config and unused when building from sizes)
+# published config and unused when building from sizes), or by the system (channels_last: the memory format it puts
+# the built UNet and VAE in)
 NETWORK_KEYS = ("source", "words", "seed", "init_from_original", "original_name_tokens", "tokenizer_dir",
-                *PRETRAINED_KEYS)
+                "channels_last", *PRETRAINED_KEYS)
 _FROM_TOKENIZERS = "it is set from the tokenizers"
 
 
@@ -208,7 +209,7 @@ class ARLDMBuilder(NetworkBuilder[ARLDMComponents, ARLDMComponents]):
     max_length: int
 
     def from_pretrained(self, network: dict[str, Any]) -> ARLDMComponents:
-        chosen = ("source", "init_from_original", "original_name_tokens", *PRETRAINED_KEYS)
+        chosen = ("source", "init_from_original", "original_name_tokens", "channels_last", *PRETRAINED_KEYS)
         options = {k: v for k, v in network.items() if k not in chosen}
         unknown = [k for k in options if k not in PRETRAINED_OPTIONS]
         if unknown:

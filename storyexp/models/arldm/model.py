@@ -223,6 +223,30 @@ class ARLDM(nn.Module):
         self.latent_scale_factor = float(latent_scale_factor)
         self.vae.requires_grad_(False)
         self.vae.eval()
+        self.channels_last = False  # `use_channels_last`
+
+    # ---------------------------------------------------------------- memory format
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Keep the UNet's and the VAE's 4-d weights in ``torch.channels_last`` (NHWC) and make the latents fed to them
+        channels-last where they are created (start latents, training latents), so their convolutions run NHWC
+        kernels (cuDNN / oneDNN pick them for channels-last inputs and weights). ``enabled=False`` goes back to the
+        default contiguous format.
+
+        Only strides change: parameter and buffer values, state-dict keys and the computed function are the same
+        (outputs to float rounding: another kernel sums in another order). Copying weights in (``load_state_dict``)
+        and moving the model (``.to(device / dtype)``) keep the format.
+        """
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for part in (self.unet, self.vae):
+            part.to(memory_format=fmt)
+        self.channels_last = bool(enabled)
+
+    def _in_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [N, C, h, w] channels-last contiguous when `use_channels_last` is on, else as it is."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # ---------------------------------------------------------------- sizes
 
@@ -380,7 +404,8 @@ class ARLDM(nn.Module):
 
         with torch.no_grad():
             if posterior_moments is None:
-                posterior = self.vae.encode(images.flatten(0, 1).to(self.vae_dtype)).latent_dist
+                pixels = self._in_memory_format(images.flatten(0, 1).to(self.vae_dtype))
+                posterior = self.vae.encode(pixels).latent_dist
                 mean, std = posterior.mean, posterior.std
             else:
                 mean, std = (m.to(device=device, dtype=self.vae_dtype) for m in posterior_moments)
@@ -393,7 +418,7 @@ class ARLDM(nn.Module):
         if timesteps is None:
             timesteps = _randint(self.noise_scheduler.config.num_train_timesteps, (n,), generator, device)
         timesteps = timesteps.to(device=device, dtype=torch.long)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = self._in_memory_format(self.noise_scheduler.add_noise(latents, noise, timesteps))
         noise_pred = self.unet_forward(noisy, timesteps, context.to(self.unet.dtype), blocked)
         target = self.training_target(latents, noise, timesteps)
         # mean over C, H, W then over rows (= the overall mean, all rows having the same size)
@@ -483,12 +508,13 @@ class ARLDM(nn.Module):
         given: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One frame's start latents: ``given`` [B, C, h, w], else N(0, I) of ``shape`` drawn from ``generator``;
-        scaled by ``scheduler.init_noise_sigma`` (1 for DDIM/PNDM, > 1 for the Euler family)."""
+        scaled by ``scheduler.init_noise_sigma`` (1 for DDIM/PNDM, > 1 for the Euler family); channels-last with
+        `use_channels_last` (the same values)."""
         if given is not None:
             latents = given.to(device=self._device, dtype=self.unet.dtype)
         else:
             latents = randn_tensor(shape, generator=generator, device=self._device, dtype=self.unet.dtype)
-        return latents * scheduler.init_noise_sigma
+        return self._in_memory_format(latents * scheduler.init_noise_sigma)
 
     def cfg_noise_pred(self, latents: torch.Tensor, t, context: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
         """UNet output [2B, ...] for [latents; latents] with the CFG batch of :meth:`SamplingContexts.frame`
@@ -577,6 +603,7 @@ class ARLDM(nn.Module):
         blip_resize_backend: str = "pil",
         initial_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        skip_unread_feedback: bool = True,
     ) -> torch.Tensor:
         """Auto-regressive guided sampling of all V target frames; returns uint8 [B, V, height, width, 3].
 
@@ -590,7 +617,9 @@ class ARLDM(nn.Module):
         resets multistep state); ``eta`` is passed where the scheduler's ``step`` takes it.
         ``initial_latents``: optional [B, V, C, h, w] start latents (else N(0, I) from ``generator``), scaled by
         ``scheduler.init_noise_sigma``. ``blip_resize_backend``: "pil" (the original's resize, exact) or "torch"
-        (see ``blip.blip_resize``).
+        (see ``blip.blip_resize``). ``skip_unread_feedback``: the last target's feedback (BLIP on the last generated
+        frame, written into a history slot no frame reads) is skipped, one BLIP forward fewer and the same frames;
+        False runs it as the original did.
 
         The steps (:meth:`sampling_contexts`, :meth:`SamplingContexts.frame`, :meth:`start_latents`,
         :meth:`denoise`, :meth:`decode_latents`, :meth:`encode_generated`, :meth:`history_update`,
@@ -620,8 +649,10 @@ class ARLDM(nn.Module):
             frames.append(images)
 
             # Feedback: the generated frame, with the ground-truth caption of its frame, becomes history slot
-            # `slot` of the conditional context. Done for the last target too, as in the original, although
-            # nothing reads it.
+            # `slot` of the conditional context. The original does it for the last target too, although no frame
+            # reads that slot (and no random draw happens in it): skipped unless skip_unread_feedback=False.
+            if skip_unread_feedback and i == v - 1:
+                break
             slot = i + offset
             new = self.encode_generated(
                 images, source_caption[:, slot], source_attention_mask[:, slot], contexts.cond.dtype,
