@@ -321,3 +321,20 @@ def test_peak_tflops_by_chip_name(monkeypatch):
     assert benchmark.peak_tflops(torch.device("cuda")) == 989.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert benchmark.peak_tflops(torch.device("cuda")) is None
+
+
+def test_every_cpu_suite_case_composes_on_both_sides(tmp_path):
+    """The shipped CPU suite has no case that would be reported skipped: every side of every case composes and
+    passes the config checks, and a switch's sides differ."""
+    from storyexp.tasks.benchmark_suite import compose_case, load_suite
+
+    suite = load_suite("cpu")
+    parent = compose_cfg(["task=benchmark", "benchmark.suite=cpu"], tmp_path)
+    for case in suite["cases"]:
+        sides = {"on": case["switch"]["on"], "off": case["switch"]["off"]} if case["switch"] else {"base": []}
+        if case["switch"]:
+            assert sides["on"] != sides["off"], case["name"]
+        for side, extra in sides.items():
+            cfg = compose_case(parent, [f"model={case['model']}"] + suite["overrides"] + case["overrides"] + extra,
+                               tmp_path / case["name"].replace("/", "_") / side)
+            assert cfg.benchmark.device == "cpu", case["name"]
