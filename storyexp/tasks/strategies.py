@@ -13,10 +13,13 @@ BLIP-text layers).
   strategy (one GPU, DDP, FSDP, DeepSpeed), applied here once, before the strategy wraps the model; state-dict keys
   do not change (the wrapper strips its own prefix), so checkpoints move between runs with it on and off.
 - `compile=true` (conf/config.yaml) compiles each block in place with `torch.compile` (`nn.Module.compile`, after
-  checkpointing wraps it); the state-dict keys do not change. Shapes are torch's default "automatic dynamic": a
-  block is recompiled once with symbolic sizes when a size changes (a decoding step's keys grow by one position per
-  step). `dynamic=True` from the start fails in inductor's CPU code generation for minDALL-E's blocks (torch 2.14). The first calls pay the compilation (tens of seconds per model on a CPU); off by default. Not combined
-  with FSDP / DeepSpeed here (they wrap or partition the blocks after this point).
+  checkpointing wraps it); the state-dict keys do not change. Static shapes (`dynamic=False`): a block is compiled
+  again for each new input shape up to torch's recompile limit and runs eagerly beyond it (a decoding step's keys
+  grow by one position per step; the UNet's and the MLPs' shapes do not change). Symbolic shapes (`dynamic=True`,
+  or torch's default "automatic dynamic" after a shape change) fail in inductor's CPU code generation for
+  minDALL-E's and AR-LDM's blocks (torch 2.14: "cannot determine truth value of Relational"). The first calls pay
+  the compilation (tens of seconds per model on a CPU); off by default. Not combined with FSDP / DeepSpeed here
+  (they wrap or partition the blocks after this point).
 - `trainer=fsdp`: Lightning's `FSDPStrategy` with an `auto_wrap_policy` that makes each block (or its checkpoint
   wrapper: FSDP outside, checkpointing inside, torch's recommended order) one FSDP unit, gathered only while it
   runs. The rest (embeddings, heads, norms, frozen VQGAN / VAE) is the root unit.
@@ -163,10 +166,10 @@ def apply_activation_checkpointing(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_compile(model: nn.Module) -> list[nn.Module]:
-    """`torch.compile` every declared block in place (automatic dynamic shapes; keys unchanged). Returns them."""
+    """`torch.compile` every declared block in place (static shapes; keys unchanged). Returns the blocks."""
     blocks = block_modules(model)
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=False)
     return blocks
 
 
