@@ -1,38 +1,15 @@
-"""storyexp entry point: `python launch.py [group=option ...] [key=value ...]`.
-
-    python launch.py                                  # the built-in demo (train, test, sample)
-    python launch.py model=arldm data=ssid            # one experiment
-    python launch.py task=eval ckpt_path=...          # evaluate a checkpoint
-    python launch.py -m hparams_search=arldm_optuna   # a sweep
-
-Composition only: everything is built from conf/ by storyexp.tasks.
-"""
-
-from __future__ import annotations
+"""The checkout's entry point: `python launch.py [overrides]` does what the installed `storyexp` command does
+(storyexp/cli.py), with data/, weights/ and logs/ resolved against this folder instead of the working directory."""
 
 import os
 import sys
 from pathlib import Path
 
-# conf/paths/default.yaml resolves data/, weights/ and logs/ against this folder
-os.environ.setdefault("STORYEXP_ROOT", str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent
+os.environ.setdefault("STORYEXP_ROOT", str(ROOT))
+sys.path.insert(0, str(ROOT))  # this checkout's storyexp (and hydra_plugins), even without an install
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from storyexp.tasks import UserError, run_task  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        return run_task(cfg)
-    except UserError as err:  # the user's to fix: one clear message, no traceback
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"storyexp: error: {err}", file=sys.stderr)
-        sys.exit(1)  # SystemExit passes through Hydra's error reporting untouched
-
+from storyexp.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

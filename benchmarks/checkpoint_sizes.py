@@ -46,7 +46,7 @@ def tiny_system(model: str, mode: str = "finetune"):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "storyexp" / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model={model}_tiny", "data=demo",
                                                                 f"model.train.mode={mode}"])
     GlobalHydra.instance().clear()

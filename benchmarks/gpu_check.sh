@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite (conf/benchmark_suite/gpu.yaml): the published architectures at random initialisation on
+# The GPU benchmark suite (storyexp/conf/benchmark_suite/gpu.yaml): the published architectures at random initialisation on
 # one CUDA GPU, every optimisation switch against its baseline, under a 540 s limit.
 #
 #     benchmarks/gpu_check.sh OUT_DIR        # or: OUT=OUT_DIR benchmarks/gpu_check.sh

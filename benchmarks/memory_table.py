@@ -53,7 +53,7 @@ MODELS = ("mindalle", "mega", "arldm")
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 PRECISIONS = ("bf16-mixed", "16-mixed", "32-true")
 GIB = 1024**3
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "storyexp" / "conf"
 
 # text embedding tables whose rows follow the tokenizer: the published tokenizers' sizes (storydalle.md 2.1 and
 # 2.3, arldm.md 3.6), counted instead of the rows a `source: sizes` model gets from its word list

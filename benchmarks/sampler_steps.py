@@ -171,7 +171,7 @@ def worker(overrides: list[str]) -> None:
     StorySystem.generate_candidates = timed
     run_dir = next(Path(o.split("=", 1)[1]) for o in overrides if o.startswith("hydra.run.dir="))
     sys.argv = [str(REPO / "launch.py"), *overrides]
-    try:  # as `python launch.py ...` (Hydra finds conf/ beside the file it runs)
+    try:  # as `python launch.py ...` (Hydra finds storyexp/conf/ beside the file it runs)
         runpy.run_path(str(REPO / "launch.py"), run_name="__main__")
     finally:
         StorySystem.generate_candidates = original

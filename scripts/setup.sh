@@ -10,7 +10,7 @@ fi
 stamp=.venv/.storyexp-requirements.sha
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q --upgrade pip || echo "setup.sh: pip could not upgrade itself; going on with $(.venv/bin/python -m pip --version)"
   # DS_BUILD_OPS=0: deepspeed installs as pure Python (no CUDA toolkit or compiler needed; storyexp uses none of
   # its compiled ops: torch's AdamW steps even offloaded states)
   DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -r requirements.txt

@@ -11,10 +11,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from storyexp import CONFIG_DIR
 from tests.data_paths import fixtures_dir, parity_dir, verify_test_data  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = CONFIG_DIR
 
 os.environ.setdefault("STORYEXP_ROOT", str(REPO))
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -87,7 +88,7 @@ TINY_RUN = [
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path | None = None):
-    """Compose conf/config.yaml like launch.py would, with every output under tmp_path."""
+    """Compose storyexp/conf/config.yaml like launch.py would, with every output under tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)

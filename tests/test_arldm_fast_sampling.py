@@ -49,7 +49,7 @@ def unet_calls(model):
 
 
 def test_scheduler_comment_lists_every_alias():
-    """conf/model/arldm.yaml's comment on `sampler.scheduler` names every alias samplers.py knows."""
+    """storyexp/conf/model/arldm.yaml's comment on `sampler.scheduler` names every alias samplers.py knows."""
     text = (CONF / "model" / "arldm.yaml").read_text()
     line = next(ln for ln in text.splitlines() if re.match(r"\s+scheduler:", ln))
     comment = line.split("#", 1)[1]

@@ -145,7 +145,7 @@ def test_cpu_suite_composes_every_case(tmp_path):
 @pytest.mark.parametrize("model, family", [("mindalle_medium", "mindalle"), ("mega_medium", "mega"),
                                            ("arldm_medium", "arldm")])
 def test_medium_configs_have_their_stated_sizes(tmp_path, model, family):
-    """The `# params: <module>=<N>M` line of conf/model/<model>.yaml, against the built networks (within 15 %)."""
+    """The `# params: <module>=<N>M` line of storyexp/conf/model/<model>.yaml, against the built networks (within 15 %)."""
     import torch
 
     from storyexp.tasks.common import build_model

@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from storyexp import CONFIG_DIR
 from storyexp.data import HDF5Stories, Story, StoryDataModule, load_stories, open_split, write_stories_hdf5
 from storyexp.data.convert import convert
 from storyexp.data.registry import DatasetSpec, get_dataset, known_datasets, register, unregister
@@ -66,7 +67,7 @@ TINY_SPEC = DatasetSpec(
     download="Write tinyset.json (tests/test_data_registry.py)",
 )
 
-# ------------------------------------------------------------------------- "file two": conf/data/tinyset.yaml
+# ------------------------------------------------------------------------- "file two": storyexp/conf/data/tinyset.yaml
 
 TINY_YAML = """\
 _target_: storyexp.data.StoryDataModule
@@ -143,9 +144,9 @@ def test_builtin_specs():
         assert get_dataset(name).looks_like_raw(FIXTURES / "raw" / name)
         others = [n for n in ("pororo", "flintstones", "ssid") if n != name]
         assert not any(get_dataset(o).looks_like_raw(FIXTURES / "raw" / name) for o in others)
-    # the conf/data yaml of every built-in dataset lists the spec's label order
+    # the storyexp/conf/data yaml of every built-in dataset lists the spec's label order
     for name in BUILTIN:
-        cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
+        cfg = OmegaConf.load(CONFIG_DIR / "data" / f"{name}.yaml")
         assert cfg.name == name and tuple(cfg.characters) == get_dataset(name).characters
 
 

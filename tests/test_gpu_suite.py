@@ -1,5 +1,5 @@
 """GPU settings that compose on any machine: the top-level `float32_matmul_precision`, and the GPU benchmark suite
-(conf/benchmark_suite/gpu.yaml + benchmarks/gpu_check.sh), checked for composition here; it runs on a GPU only."""
+(storyexp/conf/benchmark_suite/gpu.yaml + benchmarks/gpu_check.sh), checked for composition here; it runs on a GPU only."""
 
 from __future__ import annotations
 

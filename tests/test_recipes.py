@@ -1,4 +1,4 @@
-"""Published recipes (conf/experiment/, conf/sampler/): each per-table experiment composes to its paper's settings,
+"""Published recipes (storyexp/conf/experiment/, storyexp/conf/sampler/): each per-table experiment composes to its paper's settings,
 its documented fast sampler is one override away, and the SSID recipe's resize + centre crop (training frames and
 BLIP's input) matches an independent PIL computation on a non-square frame."""
 

@@ -218,7 +218,7 @@ def test_min_dalle_files_and_a_taming_checkpoint_build_the_pretrained_model(tmp_
     state = {f"{k}": v for k, v in VQGAN(vq_cfg).state_dict().items()}
     state["loss.logvar"] = torch.zeros(())
     torch.save({"state_dict": state}, tmp_path / "last.ckpt")
-    # the demo data makes model=mega the demo size (conf/model_data); switch back to the pretrained source
+    # the demo data makes model=mega the demo size (storyexp/conf/model_data); switch back to the pretrained source
     cfg = compose_cfg(TINY_DEMO + [
         "model=mega", "model.network.source=pretrained", "model.network.min_dalle=" + str(folder), f"model.network.attention_heads={meta['attention_head_count']}",
         f"model.network.vqgan_encoder={tmp_path / 'last.ckpt'}", f"model.image_size={side * 4}",

@@ -4,7 +4,7 @@ Nothing in this package knows about models (no tokenizers, no normalisation for 
 not import torch or lightning; :class:`StoryDataModule` (which does) is loaded on first use.
 
 Datasets live in one registry (:mod:`storyexp.data.registry`): a dataset is a reader module declaring its
-:class:`DatasetSpec` with ``register`` plus a ``conf/data/<name>.yaml``.
+:class:`DatasetSpec` with ``register`` plus a ``storyexp/conf/data/<name>.yaml``.
 """
 
 from __future__ import annotations

@@ -410,7 +410,7 @@ class StoryDataModule(L.LightningDataModule):
         path: the HDF5 file or raw folder. For a dataset the project generates (``demo``), ``None`` means
             `generated_path`; any other path is read as it is and must exist (it is never generated).
         generated_path: generated datasets only: the one place the set is generated, in the project's data
-            folder (``conf/data/demo.yaml``: ``${paths.data_dir}/demo/...``). When `path` is this path (the
+            folder (``storyexp/conf/data/demo.yaml``: ``${paths.data_dir}/demo/...``). When `path` is this path (the
             default), the set is generated there (rank 0, in ``prepare_data``) when absent or generated with
             other parameters.
         task: ``continuation`` | ``visualization`` (metadata for the systems; the data is the same).

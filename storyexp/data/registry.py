@@ -3,7 +3,7 @@
 A dataset is two files:
 
 * ``storyexp/data/raw_<name>.py``, the reader, ending with ``SPEC = register(DatasetSpec(name=..., ...))``;
-* ``conf/data/<name>.yaml``, whose ``name`` is the spec's name (``_target_: storyexp.data.StoryDataModule``).
+* ``storyexp/conf/data/<name>.yaml``, whose ``name`` is the spec's name (``_target_: storyexp.data.StoryDataModule``).
 
 Everything that depends on the dataset (which reader opens its raw folder, how to recognise one, how tall a
 stored frame is, what the converter writes, its label order, where to get it) is looked up here by name;

@@ -81,7 +81,7 @@ def precompute_path(record: dict[str, Any], datamodule: Any, output_dir: str | P
     name = f"{record['config']['system']}_{record_digest(record)}.h5"
     if datamodule.precompute_dir is None:
         if output_dir is None:
-            raise ConfigurationError("data.precompute_dir is not set: set it (conf/data/*.yaml: "
+            raise ConfigurationError("data.precompute_dir is not set: set it (storyexp/conf/data/*.yaml: "
                                      "${paths.data_dir}/precomputed) or give data.precompute_path")
         return Path(output_dir) / name, False
     return cache_path(Path(datamodule.precompute_dir) / name, record["data"], output_dir), False

@@ -27,7 +27,7 @@ step then a cached step on the same batch (alternating, so both see the same mac
 
 Lightning's Trainer loop (callbacks, logging, checkpointing) is deliberately left out: it measures the model.
 
-With ``benchmark.suite=<name>`` (conf/benchmark_suite/<name>.yaml, e.g. ``cpu``) the run measures a list of cases
+With ``benchmark.suite=<name>`` (storyexp/conf/benchmark_suite/<name>.yaml, e.g. ``cpu``) the run measures a list of cases
 instead, each composing its own config, and times every switch (e.g. ``model.network.fused_attention``,
 ``data.precompute``) against its switched-off baseline in interleaved repetitions (``benchmark.repeats``):
 `storyexp.tasks.benchmark_suite`, which writes benchmark.json and benchmark.md.

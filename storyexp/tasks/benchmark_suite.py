@@ -1,10 +1,10 @@
 """benchmark.suite=<name>: a list of benchmark cases, each composed and measured in one run, with on/off ratios.
 
-    python launch.py task=benchmark benchmark.suite=cpu                     # conf/benchmark_suite/cpu.yaml
+    python launch.py task=benchmark benchmark.suite=cpu                     # storyexp/conf/benchmark_suite/cpu.yaml
     python launch.py task=benchmark benchmark.suite=cpu benchmark.repeats=5 benchmark.device=cuda
     python launch.py task=benchmark benchmark.suite=/path/to/my_suite.yaml
 
-A suite file (conf/benchmark_suite/<name>.yaml, or any .yaml path) holds
+A suite file (storyexp/conf/benchmark_suite/<name>.yaml, or any .yaml path) holds
 
     overrides: [data.batch_size=2, ...]     # applied to every case, before the command line's own overrides
     cases:
@@ -17,7 +17,7 @@ A suite file (conf/benchmark_suite/<name>.yaml, or any .yaml path) holds
           with: [model.sampler.skip_unconditional=true]       # the `on` side
           without: [model.sampler.skip_unconditional=false]   # the `off` side (the baseline)
 
-Each case's config is composed with Hydra's compose API from conf/ (inside a launch.py run: the app's own config
+Each case's config is composed with Hydra's compose API from storyexp/conf/ (inside a launch.py run: the app's own config
 search path), from `model=<model>`, the suite's `overrides`, this run's command-line overrides (all but `task`,
 `model`, `model.*`, `benchmark.suite` and `hydra.*`: `benchmark.repeats=5` or `data.batch_size=1` reach every case)
 and the case's own, then the switch's `with` (side `on`) or `without` (side `off`) list. A case whose overrides do
@@ -93,11 +93,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from storyexp import CONFIG_DIR
 from storyexp.errors import ConfigurationError, MissingResourceError
 from storyexp.tasks.benchmark import current_memory_gb, peak_memory_gb, peak_tflops, reset_peak_memory
 from storyexp.utils.io import atomic_write_text
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = CONFIG_DIR
 SUITE_DIR = CONF_DIR / "benchmark_suite"
 REPEATED = ("train", "sample")  # measured in every repetition, on both sides of a switch
 ONCE = ("loader", "fid", "checkpoint")  # once per case, on its `on` (or only) config
@@ -115,11 +116,11 @@ def suite_names() -> list[str]:
 
 
 def suite_path(name: str) -> Path:
-    """conf/benchmark_suite/<name>.yaml, or `name` itself when it is a .yaml path."""
+    """storyexp/conf/benchmark_suite/<name>.yaml, or `name` itself when it is a .yaml path."""
     path = Path(name).expanduser() if str(name).endswith((".yaml", ".yml")) else SUITE_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigurationError(f"benchmark.suite={name!r} is not valid: no {path}. Known suites: "
-                                 f"{', '.join(suite_names()) or 'none'} (conf/benchmark_suite/), or a .yaml path.")
+                                 f"{', '.join(suite_names()) or 'none'} (storyexp/conf/benchmark_suite/), or a .yaml path.")
     return path
 
 
@@ -192,7 +193,7 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def compose_case(parent: DictConfig, overrides: list[str], output_dir: Path) -> DictConfig:
-    """A case's config: composed from conf/, this run's paths (output under `output_dir`), no logger or callbacks
+    """A case's config: composed from storyexp/conf/, this run's paths (output under `output_dir`), no logger or callbacks
     (nothing is logged), checked like any run's. Raises CaseSkipped when it does not compose or is refused."""
     from storyexp.tasks.validate import validate_config
 

@@ -8,11 +8,11 @@ through its own `forward` (minDALL-E: every block's attention and MLP, the cross
 block; Mega: the encoder and decoder layers; AR-LDM: the UNet's down/mid/up blocks and the CLIP, BLIP-ViT and
 BLIP-text layers).
 
-- `activation_checkpointing=true` (conf/config.yaml) wraps each block in torch's `CheckpointWrapper` (non-reentrant
+- `activation_checkpointing=true` (storyexp/conf/config.yaml) wraps each block in torch's `CheckpointWrapper` (non-reentrant
   `torch.utils.checkpoint`): its activations are recomputed in backward instead of kept. The same switch for every
   strategy (one GPU, DDP, FSDP, DeepSpeed), applied here once, before the strategy wraps the model; state-dict keys
   do not change (the wrapper strips its own prefix), so checkpoints move between runs with it on and off.
-- `compile=true` (conf/config.yaml) compiles each block in place with `torch.compile` (`nn.Module.compile`, after
+- `compile=true` (storyexp/conf/config.yaml) compiles each block in place with `torch.compile` (`nn.Module.compile`, after
   checkpointing wraps it); the state-dict keys do not change. Static shapes (`dynamic=False`): a block is compiled
   again for each new input shape up to torch's recompile limit and runs eagerly beyond it (a decoding step's keys
   grow by one position per step; the UNet's and the MLPs' shapes do not change). Symbolic shapes (`dynamic=True`,
@@ -87,7 +87,7 @@ def check_strategy_config(cfg: dict[str, Any]) -> None:
     if kind is None:
         if isinstance(node, str) and node.startswith(("fsdp", "deepspeed")):
             raise ConfigurationError(f"trainer.strategy={node} is not built with the model's wrap policy: use "
-                                     f"trainer={node.split('_')[0]} (conf/trainer/{node.split('_')[0]}.yaml).")
+                                     f"trainer={node.split('_')[0]} (storyexp/conf/trainer/{node.split('_')[0]}.yaml).")
         return
     for key, why in SET_HERE.items():
         if key in node:

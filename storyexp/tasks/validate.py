@@ -137,7 +137,7 @@ def _check_benchmark(resolved: dict[str, Any]) -> None:
     suite = bench.get("suite")
     if suite is not None:
         _require(isinstance(suite, str) and suite != "", "benchmark.suite", suite,
-                 "null or a suite name (conf/benchmark_suite/) or a .yaml path")
+                 "null or a suite name (storyexp/conf/benchmark_suite/) or a .yaml path")
         if resolved.get("task") == "benchmark":
             from storyexp.tasks.benchmark_suite import suite_path
 

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by conf/ (registered once, on import of storyexp.utils)."""
+"""OmegaConf resolvers used by storyexp/conf/ (registered once, on import of storyexp.utils)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def wandb_run_id(run_dir: str) -> str:
 
 # ------------------------------------------------------------------------------------ sweeps and their W&B runs
 
-# What a sweep optimises (conf/hparams_search/*.yaml): the published tables report FID at 64x64, so the published
+# What a sweep optimises (storyexp/conf/hparams_search/*.yaml): the published tables report FID at 64x64, so the published
 # sizes (model.network.source=pretrained) minimise val/fid64, FID on a fixed validation subset logged by
 # callbacks.validation_metrics. The tiny and demo sizes (source=sizes: random networks for tests and the demo,
 # on machines that have no FID Inception weights) minimise val/loss. The rule reads only the composed model, so

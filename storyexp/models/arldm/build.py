@@ -1,4 +1,4 @@
-"""Config -> AR-LDM networks + tokenizers (`model.network` in conf/model/arldm*.yaml).
+"""Config -> AR-LDM networks + tokenizers (`model.network` in storyexp/conf/model/arldm*.yaml).
 
     source: pretrained   Stable Diffusion folder/hub id + BLIP model_large.pth + BERT tokenizer (real runs), through
                          `build_arldm_from_pretrained`; the other keys are its options (n_frames, blip_config, ...)

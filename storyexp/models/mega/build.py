@@ -1,4 +1,4 @@
-"""Config -> StoryDALL-E (DALL-E Mega backbone) networks (`model.network` in conf/model/mega*.yaml).
+"""Config -> StoryDALL-E (DALL-E Mega backbone) networks (`model.network` in storyexp/conf/model/mega*.yaml).
 
     source: pretrained   min-dalle's files (encoder.pt, decoder.pt, detoker.pt, vocab.json, merges.txt; Mega or
                          Mini, sizes read from the tensors) + the taming VQGAN `last.ckpt` whose encoder turns the

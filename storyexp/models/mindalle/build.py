@@ -1,4 +1,4 @@
-"""Config -> StoryDALL-E (minDALL-E backbone) networks + tokenizer (`model.network` in conf/model/mindalle*.yaml).
+"""Config -> StoryDALL-E (minDALL-E backbone) networks + tokenizer (`model.network` in storyexp/conf/model/mindalle*.yaml).
 
     source: pretrained   a minDALL-E folder as distributed (config.yaml, stage1_last.ckpt, stage2_last.ckpt,
                          tokenizer/bpe-16k-*), read by `load_mindalle_folder` (the reader `MinDalle.from_pretrained`
