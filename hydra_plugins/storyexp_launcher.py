@@ -20,7 +20,10 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+try:  # the [slurm] extra; without it Hydra's plugin scan must still import this file quietly
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+except ImportError:
+    LocalLauncher = SlurmLauncher = None
 
 
 def resume_overrides(overrides: Sequence[str], run_dir: str | None) -> list[str]:
@@ -50,9 +53,10 @@ class _Resuming:
         return super().launch(job_overrides, initial_job_idx)  # type: ignore[misc]
 
 
-class ResumingSlurmLauncher(_Resuming, SlurmLauncher):
-    pass
+if SlurmLauncher is not None:  # launcher=slurm|submitit_local without the extra: storyexp/cli.py says which to install
 
+    class ResumingSlurmLauncher(_Resuming, SlurmLauncher):
+        pass
 
-class ResumingLocalLauncher(_Resuming, LocalLauncher):
-    pass
+    class ResumingLocalLauncher(_Resuming, LocalLauncher):
+        pass

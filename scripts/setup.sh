@@ -17,3 +17,6 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+# Debian's Chromium for the browser test of task=app (tests/test_app.py); installs only when /usr/bin/chromium is
+# missing, and needs root + apt (elsewhere it says how to get it, and the rest of the set-up stands)
+bash scripts/setup_browser.sh || echo "setup.sh: Chromium is not installed: tests/test_app.py needs /usr/bin/chromium (run scripts/setup_browser.sh as root)" >&2

@@ -195,3 +195,99 @@ def _no_local_fid_weights(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def storyexp_in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The `storyexp` command (storyexp.cli.main: Hydra's argument parsing, composition, error reporting and the
+    CLI's one-line user errors) run in this process with `args` as its command line, from `cwd` with launch.py's
+    environment; returns (exit status, stderr). A subprocess would add ~7 s of interpreter start-up and imports per
+    call on 2 cores; one subprocess test (test_checkpoints_and_seeding's
+    test_a_bad_trainer_value_is_one_line_before_anything_is_built) keeps the real command line covered.
+    pytest's own `pytester.run` was considered: it starts a subprocess too."""
+    import logging
+    import sys
+
+    from storyexp import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["storyexp", *args])
+    for key, value in {"WANDB_MODE": "disabled", "STORYEXP_DATA_DIR": str(cwd / "data"),
+                       "STORYEXP_WEIGHTS_DIR": str(cwd / "weights"), "STORYEXP_ROOT": str(REPO)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # Hydra configures logging for the job (a file handler in the run folder): put the session's back afterwards
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main()
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        GlobalHydra.instance().clear()
+    code = stopped.value.code
+    return (0 if code is None else code if isinstance(code, int) else 1), capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, shared_data_dir) -> tuple[dict, Path, Path]:
+    """One tiny AR-LDM continuation run for the session (2 training steps, validation, test with sampling and the
+    demo metrics): (metrics.json, its output folder, a folder beside it for runs that start from it). Read by
+    test_tasks.py and test_checkpoints_and_seeding.py, which each trained the same run before. Its files are only
+    read: tests that change a checkpoint write their copy under their own tmp_path."""
+    tmp = tmp_path_factory.mktemp("trained")
+    metrics, out = run_composed(TINY_DEMO + TINY_RUN + ["trainer.limit_train_batches=2", "trainer.max_steps=-1"],
+                                tmp / "run", shared_data_dir)
+    return metrics, out, tmp
+
+
+def run_forked(fn, args: tuple, nprocs: int = 2, timeout: float = 600) -> None:
+    """`fn(rank, *args)` in `nprocs` processes forked from this one (torch.multiprocessing.start_processes with
+    start_method="fork": no interpreter start-up or re-imports, ~7 s each on 2 cores, unlike spawn or torchrun);
+    raises what a process raised, and fails rather than waits forever should one hang (a lock held by another
+    thread at the fork): the processes are killed after `timeout` seconds. CPU only (torch runs 1 thread here)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):  # re-raises a failed process's exception, after ending the others
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"forked processes still running after {timeout:.0f} s")
+
+
+# one optimizer step, no validation or test: a checkpoint with its model record, in seconds
+ONE_STEP_TRAIN = ["trainer=cpu", "trainer.max_epochs=1", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                  "trainer.enable_model_summary=false", "+trainer.enable_progress_bar=false", "callbacks=minimal",
+                  "logger=none", "print_config=false", "test_after_fit=false", "eval=loss_only"]
+
+
+@pytest.fixture(scope="session")
+def one_step_checkpoint(tmp_path_factory, shared_data_dir):
+    """`make(model, task)`: the last.ckpt of a one-step tiny run of `model=<model> data.task=<task>` on the shared demo
+    set, trained once per session for each pair (test_sample_without_data.py and test_app.py sample the same ones).
+    Only read: a test that changes a checkpoint writes its copy under its own tmp_path."""
+    from storyexp.tasks import run_task
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(model: str, task: str) -> Path:
+        if (model, task) not in made:
+            tmp = tmp_path_factory.mktemp(f"{model}_{task}")
+            cfg = compose_cfg(TINY_DEMO + ONE_STEP_TRAIN + [f"model={model}", f"data.task={task}"], tmp,
+                              data_dir=shared_data_dir)
+            run_task(cfg)
+            made[model, task] = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return made[model, task]
+
+    return make

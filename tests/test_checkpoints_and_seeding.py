@@ -1,6 +1,7 @@
 """Checkpoints a user hands in, the model they record, per-story seeding, and config mistakes caught early.
 
-One tiny AR-LDM run (module fixture) provides the checkpoint; everything else evaluates or inspects it."""
+One tiny AR-LDM run (conftest.tiny_trained_run, shared with test_tasks.py) provides the checkpoint; everything else
+evaluates or inspects it."""
 
 from __future__ import annotations
 
@@ -29,10 +30,9 @@ def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str) -> tuple[dic
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, shared_data_dir) -> tuple[Path, dict]:
-    tmp = tmp_path_factory.mktemp("ckpt")
-    metrics, out = run(tmp, shared_data_dir, *TINY_RUN, "trainer.limit_train_batches=2", "trainer.max_steps=-1",
-                       "eval=loss_only", name="train")
+def checkpoint(tiny_trained_run) -> tuple[Path, dict]:
+    """The last checkpoint of conftest's session run (2 steps of arldm_tiny) and its metrics; only read here."""
+    metrics, out, _ = tiny_trained_run
     return out / "checkpoints" / "last.ckpt", metrics
 
 
@@ -193,12 +193,22 @@ def test_every_model_samples_a_story_the_same_in_any_batch(model, shared_data_di
     assert (np.abs(other.numpy().astype(np.int16) - together.numpy().astype(np.int16)) > 1).mean() > 0.05
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_dir, tmp_path, fid_weights,
                                                       monkeypatch):
     """The same checkpoint through task=eval on 1 process and on 2 (trainer=ddp_cpu): identical metrics.json --
     loss, Inception FID (both sides computed in the run: no cached reference), the character scores, fid_demo and
     the baseline -- and the same generated frames on disk; each test story is generated and scored once (the
-    distributed sampler's padding is dropped)."""
+    distributed sampler's padding is dropped).
+
+    Slow (~55-80 s on 2 cores: two launch.py processes, Inception at 299 px). The default run covers its parts more
+    cheaply: DDP on ddp_cpu equals one process (tests/test_ddp_equivalence.py, one training step of every model);
+    the eval loaders score each story once on any number of processes
+    (tests/test_samplers_distributed.py::test_datamodule_eval_loaders_score_each_story_once); metric states summed
+    over 2 gloo processes equal one process (tests/test_clip_scores.py::test_ddp_compute_equals_one_process) and
+    over merged parts (tests/test_inception_classifier.py::
+    test_character_scores_hand_counted_micro_f1_exact_match_and_batches, tests/test_fid.py streaming); per-story
+    seeding makes the frames independent of the batch (test_batch_size_does_not_change_losses_or_frames)."""
     path, _ = checkpoint
     overrides = [o for o in TINY_DEMO + NO_MODEL if not o.startswith("trainer=")] + [
         "task=eval", "eval.metrics=[fid,characters,fid_demo]", "eval.fid.stats_dir=null", "eval.num_grid_stories=4",

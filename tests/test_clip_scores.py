@@ -288,13 +288,15 @@ def _ddp_worker(rank: int, world: int, folder: str, init_file: str, out_dir: str
 
 def test_ddp_compute_equals_one_process(loaded, clip_dir, tmp_path):
     """Two gloo processes holding different stories compute what one process computes over all of them."""
-    import torch.multiprocessing as mp
+    from .conftest import run_forked
 
     frames, captions, ids = _stories()
     single = _metric(loaded, batch_size=8)
     single.update(frames, captions=captions, stories=ids)
     expected = single.compute()
-    mp.spawn(_ddp_worker, args=(2, str(clip_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # forked, not spawned: the workers start with this process's imports (a spawned interpreter re-imports torch and
+    # transformers, ~7 s on 2 cores)
+    run_forked(_ddp_worker, (2, str(clip_dir), str(tmp_path / "init"), str(tmp_path)))
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got.keys() == expected.keys()

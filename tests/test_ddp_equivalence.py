@@ -10,30 +10,45 @@ shards: the mean of the shards' mean losses is the global batch's mean loss. The
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import run_forked
 from tests.ddp_one_step import MODEL_OVERRIDES, one_step
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = list(MODEL_OVERRIDES)
+
+
+def _forked_rank(rank: int, out: str, data_dir: str, port: int) -> None:
+    """One of the 2 processes, as torchrun would start it: the elastic environment's variables, so Lightning
+    (TorchElasticEnvironment) joins the process group instead of re-launching, then tests/ddp_one_step.py's main."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "TORCHELASTIC_RUN_ID": "storyexp-test"})
+    from tests.ddp_one_step import main
+
+    main(out, data_dir, *MODELS)
 
 
 @pytest.fixture(scope="module")
 def two_process_steps(tmp_path_factory, shared_data_dir) -> tuple[Path, dict[str, dict]]:
-    """The step of every model on 2 processes (one torchrun launch for all three), and on 1 in this process."""
+    """The step of every model on 2 processes (one pair of processes for all three), and on 1 in this process.
+
+    The pair is forked from this process (conftest.run_forked), not started by torchrun:
+    torchrun's launcher and two fresh interpreters import torch and Lightning again (~10 s on 2 cores). CPU only,
+    one torch thread, no logger threads: what fork needs. `python -m torch.distributed.run --nproc_per_node=2
+    tests/ddp_one_step.py ...` runs the same steps from a shell."""
+    import socket
+
     out = tmp_path_factory.mktemp("ddp_steps")
     single = {m: one_step(m, "cpu", out / "single", shared_data_dir) for m in MODELS}  # also builds the demo data
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "ddp_one_step.py"), str(out), str(shared_data_dir), *MODELS],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    with socket.socket() as free:  # a free port on 127.0.0.1 for the process group (torchrun --standalone's way)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # the children set the elastic variables in their own copy of the environment; this process's is untouched
+    run_forked(_forked_rank, (str(out), str(shared_data_dir), port))
     double = {m: torch.load(out / f"{m}.pt", weights_only=False) for m in MODELS}
     return single, double
 

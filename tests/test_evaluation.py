@@ -134,7 +134,7 @@ def _stories(dm):
 def test_whole_split_reference_is_written_once_reused_and_partial_runs_leave_it(tmp_path, shared_data_dir,
                                                                                  fid_weights, monkeypatch):
     monkeypatch.setattr(fidmod, "frechet_distance", _cheap_frechet)
-    dm = _datamodule(tmp_path, shared_data_dir, "data.demo.n_test=4")  # 16 target frames: Inception at 299 is slow
+    dm = _datamodule(tmp_path, shared_data_dir, "data.demo.n_test=2")  # 8 target frames: Inception at 299 is slow
     _, real = _stories(dm)
     fake = real[:, ::-1].copy()  # the frames upside down stand in for generated ones
     eval_cfg = {"fid": {"protocols": ["fid64"], "weights": str(fid_weights), "stats_dir": str(tmp_path / "s")}}
@@ -172,10 +172,10 @@ def test_whole_split_reference_is_written_once_reused_and_partial_runs_leave_it(
 
 
 def test_fid_stats_task_writes_and_keeps_the_reference(tmp_path, shared_data_dir, fid_weights):
-    overrides = TINY_DEMO + ["data.demo.n_test=4", "task=fid_stats", f"eval.fid.weights={fid_weights}",
+    overrides = TINY_DEMO + ["data.demo.n_test=2", "task=fid_stats", f"eval.fid.weights={fid_weights}",
                              f"eval.fid.stats_dir={tmp_path / 'stats'}", "eval.fid.protocols=[fid64,native]"]
     metrics, out = run_composed(overrides, tmp_path / "one", shared_data_dir)
-    assert metrics == {"fid_stats/fid64_frames": 16.0, "fid_stats/fid_frames": 16.0}  # 4 stories x 4 targets
+    assert metrics == {"fid_stats/fid64_frames": 8.0, "fid_stats/fid_frames": 8.0}  # 2 stories x 4 targets
     files = sorted((tmp_path / "stats").glob("*.npz"))
     assert [f.name.split("_")[2] for f in files] == ["fid64", "native"]
     stamp = [f.stat().st_mtime_ns for f in files]

@@ -31,6 +31,19 @@ def weights(fid_weights) -> Path:
     return fid_weights
 
 
+@pytest.fixture(scope="module")
+def inception(weights):
+    """storyexp's FID Inception, built once for the module (loading the 2048-feature network costs seconds on 2
+    cores); it is in eval mode and only run under no_grad, so no test can change it for another."""
+    return fidmod.build_inception(weights)
+
+
+@pytest.fixture(scope="module")
+def pfid_model(weights) -> InceptionV3:
+    """pytorch-fid's network on the same file, built once for the module (eval mode, inference only)."""
+    return _pfid_model(weights)
+
+
 def _pfid_model(weights: Path) -> InceptionV3:
     """pytorch-fid's InceptionV3, its download answered with the test's file."""
     sd = torch.load(weights, weights_only=True)
@@ -66,9 +79,10 @@ def _write_folder(root: Path, n: int, seed: int, sizes: list[tuple[int, int]]) -
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("imgs")
-    # few images (every one passes Inception at 299 px twice: the command and pytorch-fid), mixed sizes
-    a = _write_folder(root / "a", 8, 1, [(40, 32), (48, 48), (32, 40)])
-    b = _write_folder(root / "b", 7, 2, [(48, 48), (36, 44)])
+    # few images (every one passes Inception at 299 px twice: the command and pytorch-fid), mixed sizes; 5 each
+    # still holds every kind _write_folder makes (grayscale, RGBA, jpg, nested and deep folders)
+    a = _write_folder(root / "a", 5, 1, [(40, 32), (48, 48), (32, 40)])
+    b = _write_folder(root / "b", 5, 2, [(48, 48), (36, 44)])
     return root / "a", a, root / "b", b
 
 
@@ -117,7 +131,7 @@ class _Recorder:
         return 1.25
 
 
-def test_fid64_command_statistics_equal_pytorch_fid(weights, folders, tmp_path, monkeypatch, capsys):
+def test_fid64_command_statistics_equal_pytorch_fid(weights, pfid_model, folders, tmp_path, monkeypatch, capsys):
     """fid64: what the command hands pytorch-fid's distance equals pytorch-fid's own statistics of the same images
     (after the PIL 64x64 resize); the distance itself is pytorch-fid's function (the full value, through a
     subprocess, is compared in the slow test below: each 2048x2048 sqrtm costs ~20 s on 2 cores)."""
@@ -128,7 +142,7 @@ def test_fid64_command_statistics_equal_pytorch_fid(weights, folders, tmp_path, 
                         "--batch-size", "4"]) == 0
     stdout = capsys.readouterr().out
     assert stdout.strip().splitlines()[-1].startswith("fid64 ") and _last_number(stdout) == 1.25
-    model = _pfid_model(weights)
+    model = pfid_model
     for (mu, s), files, name in ((rec.calls[0][:2], files_a, "ra"), (rec.calls[0][2:], files_b, "rb")):
         pmu, ps = _pfid_stats(model, files, "fid64", tmp_path / name)
         np.testing.assert_allclose(mu, pmu, rtol=1e-5, atol=1e-6 * np.abs(pmu).max())
@@ -136,7 +150,7 @@ def test_fid64_command_statistics_equal_pytorch_fid(weights, folders, tmp_path, 
 
 
 @pytest.mark.slow
-def test_fid64_command_equals_pytorch_fid(weights, folders, tmp_path):
+def test_fid64_command_equals_pytorch_fid(weights, pfid_model, folders, tmp_path):
     """The command (a subprocess, real Fréchet distance) against pytorch-fid on the same file and images."""
     dir_a, files_a, dir_b, files_b = folders
     stats_out = tmp_path / "a_stats.npz"
@@ -146,13 +160,13 @@ def test_fid64_command_equals_pytorch_fid(weights, folders, tmp_path):
     assert res.stdout.strip().splitlines()[-1].startswith("fid64 ")
     ours = _last_number(res.stdout)
 
-    model = _pfid_model(weights)
+    model = pfid_model
     mu1, s1 = _pfid_stats(model, files_a, "fid64", tmp_path / "ra")
     mu2, s2 = _pfid_stats(model, files_b, "fid64", tmp_path / "rb")
     theirs = float(fid_score.calculate_frechet_distance(mu1, s1, mu2, s2))
     print(f"fid64: storyexp {ours!r} pytorch-fid {theirs!r} diff {ours - theirs:.3g}")
     assert theirs > 1e-3
-    # 15 images in 2048 dimensions: singular covariances, where scipy's sqrtm of the product (pytorch-fid) carries
+    # 10 images in 2048 dimensions: singular covariances, where scipy's sqrtm of the product (pytorch-fid) carries
     # ~1e-6 relative error; the eigendecomposition route is the closer one to the exact value
     # (test_frechet_distance_equals_pytorch_fids_and_the_exact_value)
     assert ours == pytest.approx(theirs, rel=1e-5)
@@ -161,7 +175,7 @@ def test_fid64_command_equals_pytorch_fid(weights, folders, tmp_path):
         np.testing.assert_allclose(f["sigma"], s1, rtol=1e-4, atol=1e-6 * np.abs(s1).max())
 
 
-def test_native_command_statistics_equal_pytorch_fid(weights, folders, tmp_path, monkeypatch, capsys):
+def test_native_command_statistics_equal_pytorch_fid(weights, pfid_model, folders, tmp_path, monkeypatch, capsys):
     """Native protocol, mixed sizes: what the command hands the distance equals pytorch-fid's statistics
     (pytorch-fid itself runs mixed sizes one image at a time)."""
     dir_a, files_a, dir_b, files_b = folders
@@ -173,7 +187,7 @@ def test_native_command_statistics_equal_pytorch_fid(weights, folders, tmp_path,
     stdout = capsys.readouterr().out
     assert stdout.strip().splitlines()[-1].startswith("fid ") and _last_number(stdout) == 1.25
     mu1, s1, mu2, s2 = rec.calls[0]
-    model = _pfid_model(weights)
+    model = pfid_model
     for (mu, s), files in (((mu1, s1), files_a), ((mu2, s2), files_b)):
         pmu, ps = _pfid_stats(model, files, "native", tmp_path / "x")
         np.testing.assert_allclose(mu, pmu, rtol=1e-5, atol=1e-6 * np.abs(pmu).max())
@@ -192,17 +206,17 @@ def _frames(n: int, seed: int, size: int = 40) -> np.ndarray:
     return np.clip(base + rng.normal(0, 50, (n, size, size, 3)), 0, 255).astype(np.uint8)
 
 
-def test_story_fid_streaming_equals_one_pass_and_keys(weights, monkeypatch):
+def test_story_fid_streaming_equals_one_pass_and_keys(inception, monkeypatch):
     monkeypatch.setattr(fidmod, "frechet_distance", _Recorder())
-    model = fidmod.build_inception(weights)
-    gen, real = _frames(6, 3), _frames(6, 4)  # few frames: Inception at 299 px on CPU is the cost
+    model = inception
+    gen, real = _frames(4, 3), _frames(4, 4)  # few frames: Inception at 299 px on CPU is the cost
     values = {}
     for protocol, key in (("fid64", "fid64"), ("native", "fid")):
         one = StoryFID(protocol, inception=model)
         assert isinstance(one, StoryMetric)
         one.update(gen, real, labels=None, captions=None)
         streamed = StoryFID(protocol, inception=model)
-        for lo, hi in ((0, 2), (2, 3), (3, 6)):
+        for lo, hi in ((0, 1), (1, 3), (3, 4)):  # uneven parts, one of a single frame
             streamed.update(torch.from_numpy(gen[lo:hi]), torch.from_numpy(real[lo:hi]))
         a, b = one.compute(), streamed.compute()
         assert list(a) == [key] and list(b) == [key]
@@ -218,15 +232,15 @@ def test_story_fid_streaming_equals_one_pass_and_keys(weights, monkeypatch):
     assert not np.allclose(values["fid64"], values["fid"], rtol=1e-3)  # the protocols differ
 
 
-def test_story_fid_matches_pytorch_fid_stats_and_reference(weights, tmp_path, monkeypatch):
+def test_story_fid_matches_pytorch_fid_stats_and_reference(inception, pfid_model, tmp_path, monkeypatch):
     rec = _Recorder()
     monkeypatch.setattr(fidmod, "frechet_distance", rec)
-    model = fidmod.build_inception(weights)
-    gen, real = _frames(10, 5), _frames(10, 6)
+    model = inception
+    gen, real = _frames(6, 5), _frames(6, 6)  # few frames: Inception at 299 px on CPU is the cost
     m = StoryFID("fid64", inception=model)
     m.update(gen, real)
     # pytorch-fid's own statistics of the same frames (PIL 64x64 done here), through its network and np.cov
-    ref = _pfid_model(weights)
+    ref = pfid_model
     small = lambda fr: np.stack([np.asarray(Image.fromarray(f).resize((64, 64), Image.BILINEAR)) for f in fr])
     with torch.no_grad():
         feats = [ref(torch.from_numpy(small(fr)).permute(0, 3, 1, 2).float() / 255)[0].flatten(1).double().numpy()
@@ -280,10 +294,15 @@ def test_weights_lookup_order(tmp_path, monkeypatch, weights):
 
 
 def test_command_user_errors(folders, tmp_path, capsys, monkeypatch):
+    """In-process (`fidmod.main`, what `python -m storyexp.metrics.fid` runs; the slow test below runs the real
+    command): each user error is one `storyexp: error:` line."""
     dir_a, _, dir_b, _ = folders
-    res = _run_cli(str(dir_a), str(dir_b), "--protocol", "fid64")
-    assert res.returncode == 1
-    lines = res.stderr.strip().splitlines()
+    # no weights anywhere: no argument, no $STORYEXP_FID_WEIGHTS, an empty torch hub cache
+    monkeypatch.delenv(fidmod.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    capsys.readouterr()
+    assert fidmod.main([str(dir_a), str(dir_b), "--protocol", "fid64"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("storyexp: error: ")
     assert fidmod.FID_WEIGHTS_FILE in lines[0] and FID_WEIGHTS_URL in lines[0]
     for args in ([str(tmp_path / "missing"), str(dir_b)], [str(dir_a), str(dir_b), "--protocol", "bogus"],

@@ -167,7 +167,7 @@ def test_optimizer_impl_composition_and_errors(tmp_path, monkeypatch):
         build(tmp_path, "mega_tiny", "model.optimizer.impl=sgd")
     param = torch.nn.Parameter(torch.zeros(2))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ConfigurationError, match="needs the bitsandbytes package: pip install bitsandbytes"):
+    with pytest.raises(ConfigurationError, match=r"needs the bitsandbytes package: pip install 'storyexp\[bnb\]'"):
         make_adamw([param], opt_cfg("adamw8bit"), param.device)
     with pytest.raises(ConfigurationError, match="does not run on meta"):
         make_adamw([param], opt_cfg("fused"), torch.device("meta"))

@@ -14,7 +14,7 @@ import torch
 
 from storyexp.errors import ConfigurationError, MissingResourceError
 
-from .conftest import REPO, TINY_DEMO, TINY_RUN, run_composed
+from .conftest import REPO, TINY_DEMO, TINY_RUN, run_composed, storyexp_in_process
 
 METRIC_KEYS = ("test/loss", "test/fid_demo", "test/char_f1_demo", "test/frame_acc_demo", "baseline/char_f1_demo",
                "baseline/frame_acc_demo")
@@ -25,11 +25,10 @@ def run(tmp_path: Path, data_dir: Path, *overrides: str, name: str = "run") -> t
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, shared_data_dir):
-    """One tiny continuation run: 2 training steps, validation, test with sampling and metrics."""
-    tmp = tmp_path_factory.mktemp("trained")
-    metrics, out = run(tmp, shared_data_dir, "trainer.limit_train_batches=2", "trainer.max_steps=-1")
-    return metrics, out, tmp
+def trained(tiny_trained_run):
+    """One tiny continuation run: 2 training steps, validation, test with sampling and metrics (conftest's session
+    run, shared with test_checkpoints_and_seeding.py)."""
+    return tiny_trained_run
 
 
 def test_train_writes_metrics_grids_and_checkpoints(trained):
@@ -181,25 +180,22 @@ def test_eval_requires_a_checkpoint(shared_data_dir, tmp_path):
         run(tmp_path, shared_data_dir, "task=eval", f"ckpt_path={tmp_path / 'nope.ckpt'}")
 
 
-def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "STORYEXP_DATA_DIR": str(cwd / "data"),
-           "STORYEXP_WEIGHTS_DIR": str(cwd / "weights"), "HOME": str(cwd)}
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args, f"paths.log_dir={cwd / 'logs'}"],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-
-
-def test_launch_missing_dataset_gives_one_clear_message(tmp_path):
-    proc = launch("model=arldm", "data=ssid", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "storyexp: error: ssid dataset file is missing" in proc.stderr
-    assert "IEEE DataPort" in proc.stderr and "Traceback" not in proc.stderr
+def test_launch_missing_dataset_gives_one_clear_message(tmp_path, monkeypatch, capsys):
+    # the command in this process (conftest.storyexp_in_process); launch.py's own start-up is one subprocess test:
+    # test_checkpoints_and_seeding.py::test_a_bad_trainer_value_is_one_line_before_anything_is_built
+    code, stderr = storyexp_in_process(["model=arldm", "data=ssid", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path,
+                                       monkeypatch, capsys)
+    assert code == 1
+    assert "storyexp: error: ssid dataset file is missing" in stderr
+    assert "IEEE DataPort" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("group,known", [("model", "arldm"), ("data", "flintstones")])
-def test_launch_unknown_option_name(tmp_path, group, known):
-    proc = launch(f"{group}=nope", cwd=tmp_path)
-    assert proc.returncode != 0
-    assert f"Could not find '{group}/nope'" in proc.stderr and known in proc.stderr
+def test_launch_unknown_option_name(tmp_path, monkeypatch, capsys, group, known):
+    code, stderr = storyexp_in_process([f"{group}=nope", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path,
+                                       monkeypatch, capsys)
+    assert code != 0
+    assert f"Could not find '{group}/nope'" in stderr and known in stderr
 
 
 def test_bf16_mixed_precision_trains_on_cpu(shared_data_dir, tmp_path):
@@ -281,20 +277,69 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(shared_data_dir, tmp_path):
-    """SIGKILL in the middle of an epoch, after a step checkpoint; `ckpt_path=last` in the same directory trains on
-    the batches the killed run had not seen (resumable loader) with the RNG states it had (noise, timesteps), so
-    the final weights equal those of a run that was never interrupted. No completed checkpoint is lost.
-    SIGTERM instead (a scheduler's pre-emption): the state of the step under way is saved at its end and the run
-    stops cleanly; resumed from that checkpoint it ends with the same weights too."""
-    common = ["trainer.limit_train_batches=4", "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false",
-              "eval=loss_only", "callbacks.step_checkpoint.every_n_train_steps=2", "callbacks.story_grids.num_stories=0"]
-    _, straight = run(tmp_path, shared_data_dir, *common, name="straight")  # this process runs torch on 1 thread
-    # ... and so do the killed and the resumed processes: the same kernels, bit for bit
+# an epoch of 4 steps, step checkpoints every 2, 2 epochs: a run interrupted at step 3 is mid-epoch
+INTERRUPTED = ["trainer.limit_train_batches=4", "trainer.max_steps=-1", "trainer.max_epochs=2", "test_after_fit=false",
+               "eval=loss_only", "callbacks.step_checkpoint.every_n_train_steps=2",
+               "callbacks.story_grids.num_stories=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shared_data_dir) -> dict:
+    """The final checkpoint of the 8-step INTERRUPTED run that nothing interrupts (this process: torch on 1 thread)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    _, straight = run(tmp, shared_data_dir, *INTERRUPTED, name="straight")
+    return torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_a_run_terminated_mid_epoch_resumes_to_the_uninterrupted_weights(uninterrupted, shared_data_dir, tmp_path):
+    """SIGTERM in the middle of an epoch (a scheduler's pre-emption): the state of the step under way is saved at
+    its end and the run stops cleanly; `ckpt_path=last` in the same directory trains on the batches the stopped run
+    had not seen (resumable loader) with the RNG states it had (noise, timesteps), so the final weights equal those
+    of a run that was never interrupted. (SIGKILL, which needs a process of its own, is the slow
+    test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights.)"""
+    import warnings
+
+    a = uninterrupted
+    # SIGTERM at step 3 (in this process: Lightning's handler is installed for the fit only): storyexp's Preemption
+    # callback saves step 3 at its end and Lightning's SIGTERMException (a SystemExit, status 0) ends the run
+    sigterm = ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=3",
+               "+callbacks.kill.signal=SIGTERM"]
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, shared_data_dir, *INTERRUPTED, *sigterm, name="terminated")
+    assert stopped.value.code in (None, 0)
+    kept = tmp_path / "terminated" / "out" / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["latest_step_0000002.ckpt", "preempted.ckpt"]
+    step3 = torch.load(kept / "preempted.ckpt", map_location="cpu", weights_only=True)
+    assert step3["global_step"] == 3
+    assert step3["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, out = run(tmp_path, shared_data_dir, *INTERRUPTED, "ckpt_path=last", name="terminated")
+    assert not [w for w in caught if "not resumable" in str(w.message)]  # Lightning's mid-epoch warning
+    c = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == c["global_step"] == 8
+    for key, value in a["state_dict"].items():
+        assert torch.equal(c["state_dict"][key], value), key
+    assert not (kept / "preempted.ckpt").exists()  # superseded by the completed fit's newer checkpoints
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(uninterrupted, shared_data_dir, tmp_path):
+    """SIGKILL in the middle of an epoch, after a step checkpoint, through launch.py; `ckpt_path=last` in the same
+    directory trains on the batches the killed run had not seen with the RNG states it had, so the final weights
+    equal those of a run that was never interrupted. No completed checkpoint is lost.
+
+    Slow (two launch.py processes, ~35 s on 2 cores). The default run covers the same mid-epoch resume to the
+    uninterrupted weights in this process with SIGTERM (test_a_run_terminated_mid_epoch_resumes_to_the_uninterrupted_
+    weights), and resume from a checkpoint in test_resume_continues_at_the_same_step /
+    test_resume_in_place_with_ckpt_path_last; that a checkpoint is never left half written in
+    test_checkpoints_are_written_atomically."""
+    a = uninterrupted
+    # the killed and the resumed processes run torch on 1 thread like this one: the same kernels, bit for bit
     env = {**__import__("os").environ, "WANDB_MODE": "disabled", "STORYEXP_DATA_DIR": str(shared_data_dir),
            "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "killed"
-    args = [sys.executable, str(REPO / "launch.py"), *TINY_DEMO, *TINY_RUN, *common,
+    args = [sys.executable, str(REPO / "launch.py"), *TINY_DEMO, *TINY_RUN, *INTERRUPTED,
             f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run_dir}"]
     killed = subprocess.run(args + ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=3"],
                             capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
@@ -308,27 +353,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(shared_data
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "not resumable" not in resumed.stderr
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 8
     for key, value in a["state_dict"].items():
         assert torch.equal(b["state_dict"][key], value), key
-
-    # SIGTERM at step 3 (in this process: Lightning's handler is installed for the fit only): storyexp's Preemption
-    # callback saves step 3 at its end and Lightning's SIGTERMException (a SystemExit, status 0) ends the run
-    sigterm = ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=3",
-               "+callbacks.kill.signal=SIGTERM"]
-    with pytest.raises(SystemExit) as stopped:
-        run(tmp_path, shared_data_dir, *common, *sigterm, name="terminated")
-    assert stopped.value.code in (None, 0)
-    kept = tmp_path / "terminated" / "out" / "checkpoints"
-    assert sorted(p.name for p in kept.iterdir()) == ["latest_step_0000002.ckpt", "preempted.ckpt"]
-    step3 = torch.load(kept / "preempted.ckpt", map_location="cpu", weights_only=True)
-    assert step3["global_step"] == 3
-    assert step3["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
-    _, out = run(tmp_path, shared_data_dir, *common, "ckpt_path=last", name="terminated")
-    c = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert c["global_step"] == 8
-    for key, value in a["state_dict"].items():
-        assert torch.equal(c["state_dict"][key], value), key
-    assert not (kept / "preempted.ckpt").exists()  # superseded by the completed fit's newer checkpoints

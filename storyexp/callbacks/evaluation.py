@@ -23,7 +23,6 @@ Written (rank 0, except the frames: each process writes the stories it generated
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +111,7 @@ class EvaluationBase(L.Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            log.warning(message)
-            warnings.warn(message, stacklevel=2)
+            log.warning(message)  # once: a warnings.warn copy would print the same line a second time
 
 
 class StoryEvaluation(EvaluationBase):

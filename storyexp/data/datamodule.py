@@ -544,7 +544,8 @@ class StoryDataModule(L.LightningDataModule):
                 "frame_fit": self.frame_fit,
                 "demo": self.demo,
                 "sentence_embeddings": self.sentence_embeddings,
-            }
+            },
+            logger=False,  # its `task` (continuation) would overwrite the config's (train): tasks/common.py logs that
         )
 
     @property

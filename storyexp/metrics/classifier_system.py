@@ -211,7 +211,7 @@ class CharacterClassifierSystem(_ScoredSystem):
             "class_names": None if class_names is None else [str(c) for c in class_names], "lr": float(lr),
             "weight_decay": float(weight_decay), "augment": bool(augment), "max_shift": int(max_shift),
             "hflip": bool(hflip), "seed": int(seed),
-        })
+        }, logger=False)  # kept in the checkpoint; a run's logger holds the composed config only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             classifier = CharacterClassifier(num_classes, input_size=input_size, channels=channels,
@@ -295,7 +295,7 @@ class InceptionClassifierSystem(_ScoredSystem):
             "class_names": None if class_names is None else [str(c) for c in class_names], "lr": float(lr),
             "weight_decay": float(weight_decay), "hflip": bool(hflip), "aux_weight": float(aux_weight),
             "init_weights": None if init_weights is None else str(init_weights), "seed": int(seed),
-        })
+        }, logger=False)  # kept in the checkpoint; a run's logger holds the composed config only
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             classifier = InceptionCharacterClassifier(num_classes, width_divisor=width_divisor,

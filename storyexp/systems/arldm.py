@@ -145,7 +145,7 @@ class ARLDMSystem(StorySystem):
         blip_fit: str = "squash",
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the composed config is logged once, by tasks/common.py
         self.check_config(dict(self.hparams))
         self.init_layout(task, image_size)
         self.max_length = int(max_length)
@@ -463,8 +463,21 @@ class ARLDMSystem(StorySystem):
             width=self.image_size,
             generator=per_row(generators, K),
             skip_unread_feedback=bool(settings.get("skip_unread_feedback", True)),
+            on_frames=self._frame_reporter(B, K),
         )
         return images.view(B, K, *images.shape[1:])
+
+    def _frame_reporter(self, B: int, K: int):
+        """`ARLDM.sample`'s `on_frames` while `stream_story` listens, else None (sampling untouched): each target
+        frame, uint8 [B*K, H, W, 3] exactly as the sampler returns it (no second decode), is reported as that frame
+        of every story and candidate (`report_frames`)."""
+        if not self.reporting:
+            return None
+
+        def on_frames(i: int, frames: torch.Tensor) -> None:
+            self.report_frames(i, frames.view(B, K, 1, *frames.shape[1:]))
+
+        return on_frames
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

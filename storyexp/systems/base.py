@@ -6,6 +6,8 @@ Tasks and callbacks use only this interface, never a concrete system:
                                                                   given, 1..4 generated; visualization: all 5)
     generate(batch, captions=None, seed=None, **sampler)        uint8 [B, V, H, W, 3], V = num_targets
     generate_candidates(batch, ..., num_candidates=K)           uint8 [B, K, V, H, W, 3]
+    stream_story(batch, seed=None, num_candidates=K, **sampler) FrameUpdate per target frame as sampling produces
+                                                                  it, then generate_candidates()' output (task=app)
     tokenize(captions)                                          the token ids the model reads
     trainable_parameter_names()                                 the trainable set
     checkpoint_extras() / load_checkpoint_extras(checkpoint)    what travels in a checkpoint besides weights
@@ -33,16 +35,24 @@ The shared lifecycle lives here once:
   merges the adapters (see the lora module for why not during fitting); the frozen digest hashes the base unmerged.
 
 A subclass builds its networks in `__init__` (after `init_layout`) and implements `losses(batch, generators)`,
-`sample_stories(batch, captions, num_candidates, settings, generators)` and `tokenize(captions)`.
+`sample_stories(batch, captions, num_candidates, settings, generators)` and `tokenize(captions)`; its sampling calls
+`report_frames(first, frames)` as target frames come into being (a no-op unless `stream_story` listens), so one
+streaming loop serves every system. The networks hear nothing of it: their samplers take an optional plain
+`on_frames` callable, which a system passes only while `reporting` (`codes_reporter` for the token samplers), so
+sampling without a listener runs exactly as before. The models draw frames autoregressively: AR-LDM one frame at a
+time; StoryDALL-E frame 0 first in visualization and then the others together (all together in continuation, one by
+one with `sampler.chain`), so its reports come in those groups.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -61,6 +71,24 @@ FROZEN_RECORD = "frozen"  # checkpoint[RECORD_KEY][FROZEN_RECORD]: where a lean 
 SHARDED_STRATEGIES = ("fsdp", "deepspeed")  # Lightning `strategy_name`s whose checkpoints are per-rank shards
 LOAD_HINT = ("load a checkpoint with the model.train options (mode, lora, freeze_*) and model sizes it was trained "
              "with (a lean one, model.train.save_frozen=false, holds only what trains)")
+
+
+# (first target index, uint8 [B, K, n, H, W, 3]): target frames first..first+n-1 of every story and candidate
+FrameListener = Callable[[int, torch.Tensor], None]
+
+
+class FrameUpdate(NamedTuple):
+    """One item of `StorySystem.stream_story`: `index` is a target frame (0..V-1; story frame first_target + index)
+    and `frames` that frame of every story and candidate, uint8 [B, K, H, W, 3]; the last item has `index` None and
+    `frames` the whole stories, uint8 [B, K, V, H, W, 3], exactly what `generate_candidates` returns for the same
+    batch, seed, settings and K."""
+
+    index: int | None
+    frames: torch.Tensor
+
+
+class _StreamClosed(Exception):
+    """Raised inside the sampling thread when the consumer of `stream_story` has gone (e.g. a closed page)."""
 
 
 def story_seed(seed: int, story_id: str) -> int:
@@ -143,6 +171,7 @@ class StorySystem(L.LightningModule):
         self._lora_merged = False
         self._frozen_digest: str | None = None  # `frozen_digest`, computed once
         self.lora_merge_for_sampling = True  # False: sample with unmerged adapters (tests compare both)
+        self._frame_listener: FrameListener | None = None  # set while `stream_story` samples (`report_frames`)
 
     @property
     def first_target(self) -> int:
@@ -346,6 +375,84 @@ class StorySystem(L.LightningModule):
         with self.sampling_mode():
             return self.sample_stories(batch, captions, int(num_candidates), settings,
                                        self.story_generators(batch, seed))
+
+    # ------------------------------------------------------------------------------------ per-frame reports
+
+    def report_frames(self, first: int, frames: torch.Tensor) -> None:
+        """Called by a system's sampling code as target frames come into being: `frames` uint8 [B, K, n, H, W, 3]
+        are target frames first..first+n-1 of every story and candidate. A no-op unless `stream_story` listens."""
+        listener = getattr(self, "_frame_listener", None)
+        if listener is not None:
+            listener(int(first), frames)
+
+    @property
+    def reporting(self) -> bool:
+        """Whether anyone listens to `report_frames` (sampling code may skip preparing reports otherwise)."""
+        return getattr(self, "_frame_listener", None) is not None
+
+    def codes_reporter(self, rows: tuple[int, int], decode: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> Callable[[int, torch.Tensor], None] | None:
+        """The `on_frames` callback of the token samplers (`storyexp.models.story_frames`, both StoryDALL-E backbones)
+        while `stream_story` listens, else None (so sampling without a listener is untouched): each group of codes
+        [B*K, n, T] (rows = (B, K), candidates of a story adjacent) is decoded by `decode` ([N, T] -> uint8
+        [N, H, W, 3]) and reported as target frames first..first+n-1 (`report_frames`)."""
+        if not self.reporting:
+            return None
+        B, K = rows
+
+        def on_frames(first: int, codes: torch.Tensor) -> None:
+            pixels = decode(codes.reshape(-1, codes.shape[-1]))
+            self.report_frames(first, pixels.view(B, K, codes.shape[1], *pixels.shape[1:]))
+
+        return on_frames
+
+    def stream_story(self, batch: dict[str, Any], captions: list[list[str]] | None = None, seed: int | None = None,
+                     num_candidates: int = 1, **sampler_overrides) -> Iterator[FrameUpdate]:
+        """Sample whole stories as `generate_candidates` does (the same frames), yielding each target frame as soon as
+        the sampler has produced it (`FrameUpdate(j, uint8 [B, K, H, W, 3])`, in frame order), then
+        `FrameUpdate(None, generate_candidates' output)`. Frames drawn together (StoryDALL-E's groups) arrive together.
+
+        Sampling runs in a worker thread that reports into a queue (the models' loops cannot yield); closing the
+        iterator early stops the sampling at its next report."""
+        updates: queue.Queue = queue.Queue()
+        closed = threading.Event()
+
+        def listener(first: int, frames: torch.Tensor) -> None:
+            if closed.is_set():
+                raise _StreamClosed()
+            updates.put(("frames", first, frames.detach().cpu()))
+
+        def work() -> None:
+            self._frame_listener = listener
+            try:
+                stories = self.generate_candidates(batch, captions=captions, seed=seed, num_candidates=num_candidates,
+                                                   **sampler_overrides)
+                updates.put(("done", stories.cpu()))
+            except BaseException as err:  # handed to the consumer, which raises it
+                updates.put(("error", err))
+            finally:
+                self._frame_listener = None
+
+        worker = threading.Thread(target=work, name="storyexp-stream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, *payload = updates.get()
+                if kind == "frames":
+                    first, frames = payload
+                    for n in range(frames.shape[2]):
+                        yield FrameUpdate(first + n, frames[:, :, n])
+                elif kind == "done":
+                    yield FrameUpdate(None, payload[0])
+                    return
+                else:
+                    error = payload[0]
+                    if isinstance(error, _StreamClosed):
+                        return
+                    raise error
+        finally:
+            closed.set()
+            worker.join()
 
     @contextmanager
     def sampling_mode(self):

@@ -66,6 +66,7 @@ def make_adamw(params, opt_cfg: dict, device: torch.device) -> torch.optim.Optim
     2.14 has it for CUDA and CPU tensors; the same update up to rounding); `adamw8bit` bitsandbytes' AdamW8bit
     (optimizer states quantised to 8 bits blockwise; states of tensors under 4096 elements stay 32-bit)."""
     from storyexp.errors import ConfigurationError
+    from storyexp.utils.extras import require
 
     impl = str(opt_cfg.get("impl", "adamw"))
     kwargs = {"lr": float(opt_cfg["lr"]), "weight_decay": float(opt_cfg["weight_decay"]),
@@ -79,11 +80,8 @@ def make_adamw(params, opt_cfg: dict, device: torch.device) -> torch.optim.Optim
         return torch.optim.AdamW(params, fused=True, **kwargs)
     if impl == "adamw8bit":
         quiet_bitsandbytes_import()
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigurationError("model.optimizer.impl=adamw8bit needs the bitsandbytes package: "
-                                     "pip install bitsandbytes (pinned in requirements.txt).") from None
+        # one line naming pyproject's `bnb` extra when bitsandbytes is missing (storyexp.utils.extras)
+        bnb = require("bitsandbytes", extra="bnb", feature="model.optimizer.impl=adamw8bit")
         if device.type not in ("cuda", "cpu"):
             raise ConfigurationError(f"model.optimizer.impl=adamw8bit: bitsandbytes has no {device.type} kernels; "
                                      "use model.optimizer.impl=adamw.")

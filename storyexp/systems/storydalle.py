@@ -94,7 +94,7 @@ class StoryDalleSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the composed config is logged once, by tasks/common.py
         self.check_config(dict(self.hparams))
         self.init_layout(task, image_size)
         mode = str(train.get("mode", MODES[0]))
@@ -219,6 +219,8 @@ class StoryDalleSystem(StoryTokenSystem):
             generator=generators,
             chain=bool(settings.get("chain", False)),
             static_cache=bool(settings.get("static_cache", True)),
+            # `stream_story` listening: each group of frames is reported as drawn (None otherwise)
+            on_frames=self.codes_reporter((inputs["texts"].shape[0], K), self.decode_codes),
         )
 
     @torch.no_grad()

@@ -73,7 +73,7 @@ class StoryMegaSystem(StoryTokenSystem):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the composed config is logged once, by tasks/common.py
         self.check_config(dict(self.hparams))
         self.init_layout(task, image_size)
         mode = str(train.get("mode", MODES[0]))
@@ -161,7 +161,10 @@ class StoryMegaSystem(StoryTokenSystem):
             start_token=self.start_token, sampled_vocab=self.sampled_vocab,
             top_k=int(settings.get("top_k", 256)), temperature=float(settings.get("temperature", 1.0)),
             supercondition_factor=float(settings.get("supercondition_factor", 1.0)), generator=generators,
-            chain=bool(settings.get("chain", False)), skip_unconditional=bool(settings.get("skip_unconditional", True)),
+            chain=bool(settings.get("chain", False)),
+            skip_unconditional=bool(settings.get("skip_unconditional", True)),
+            # `stream_story` listening: each group of frames is reported as drawn (None otherwise)
+            on_frames=self.codes_reporter((inputs["texts"].shape[0], K), self.decode_codes),
         )
 
     @torch.no_grad()

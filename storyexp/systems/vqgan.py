@@ -81,7 +81,7 @@ class VQGANSystem(StorySystem):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the composed config is logged once, by tasks/common.py
         self.check_config(dict(self.hparams))
         self.init_layout("visualization", image_size)  # every frame of a story is "generated" (reconstructed)
         self.config = VQGANConfig.from_dict(network)

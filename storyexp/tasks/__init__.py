@@ -7,6 +7,7 @@
     train_classifier  train (or check) the character classifier the test metrics use    tasks/train_classifier.py
     fid_stats  compute and cache a split's FID reference statistics                      tasks/fid_stats.py
     precompute compute the frozen encoders' outputs of the training split once (data.precompute)  tasks/precompute.py
+    app        a browser demo of a checkpoint: captions in, the story streamed frame by frame  tasks/app.py
 
 Every task validates the whole config first (tasks/validate.py), writes its outputs into the run's output
 directory and returns the config's `optimized_metric` so Hydra sweepers can optimise it. A new task is one module
@@ -47,7 +48,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 # task name -> module under storyexp.tasks with a `run(cfg)` function (imported on use: sampling and
 # benchmarking pull in nothing that training needs)
 TASKS = {"train": "train", "eval": "evaluate", "sample": "sample", "benchmark": "benchmark",
-         "train_classifier": "train_classifier", "fid_stats": "fid_stats", "precompute": "precompute"}
+         "train_classifier": "train_classifier", "fid_stats": "fid_stats", "precompute": "precompute",
+         "app": "app"}
 
 
 def run_task(cfg: DictConfig) -> float | None:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from storyexp.callbacks.model_record import RECORD_KEY, ModelRecord
 from storyexp.callbacks.resume_state import ResumeState
+from storyexp.callbacks.wandb_run import record_best_checkpoint_scores
 from storyexp.data import StoryDataError
 from storyexp.errors import ConfigurationError, MissingResourceError, StoryexpError
 from storyexp.tasks import original_checkpoints, sharded
@@ -60,8 +61,33 @@ def build_model(cfg: DictConfig) -> L.LightningModule:
     return instantiate(cfg.model)
 
 
+#: tasks that run no fit (they test or sample a checkpoint)
+NO_FIT_TASKS = ("eval", "sample", "app")
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    import warnings
+
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from storyexp.callbacks import ProgressLog
+    from storyexp.utils.quiet import quiet_known_noise
+
+    quiet_known_noise()  # every trainer-building task passes here, in-process runs too (storyexp/utils/quiet.py)
     callbacks = [instantiate(c) for c in _targets(cfg.get("callbacks"))]
+    if cfg.get("task") in NO_FIT_TASKS:
+        # eval / sample keep the training run's checkpoint callbacks, so Lightning restores their state from the
+        # checkpoint without asking for them ("callbacks used to create the checkpoint need to be provided") and adds
+        # no default ModelCheckpoint (with its litmodels tip); the state is only stale bookkeeping of the training
+        # run (its best / last paths), which ModelCheckpoint.load_state_dict would announce for every checkpoint
+        # read from another run's folder. A fit (train) keeps that warning: there it says a resume lost its top-k.
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded",
+                                category=UserWarning)
+    # progress as log lines (callbacks.progress_log: when=auto and stdout not a terminal, or always): the bar is then
+    # disabled, not removed, so Lightning adds no default TQDM bar in its place
+    if any(isinstance(c, ProgressLog) and c.active for c in callbacks):
+        for bar in (c for c in callbacks if isinstance(c, ProgressBar)):
+            bar.disable()
     # always: every checkpoint records the model config it was trained with (eval/sample rebuild from it) and the
     # RNG states and loader position (a resumed run draws and trains on what the interrupted one would have)
     return callbacks + [ModelRecord(model_choice(cfg), OmegaConf.to_container(cfg.model, resolve=False)),
@@ -125,24 +151,75 @@ def build_data_and_model(cfg: DictConfig):
     return datamodule, build_model(cfg)
 
 
+def task_loggers(cfg: DictConfig) -> list:
+    """The trainer's loggers. Lightning starts every logger's run when fit / predict sets up, so `task=sample` leaves
+    W&B out: its W&B run starts only once there are story grids to log (storyexp/callbacks/wandb_run.py
+    `log_samples` builds the logger then), and a sample run that writes nothing starts none."""
+    loggers = build_loggers(cfg)
+    if cfg.get("task") == "sample":
+        loggers = [lg for lg in loggers if type(lg).__name__ != "WandbLogger"]
+    return loggers
+
+
 def build_all(cfg: DictConfig):
     datamodule, model = build_data_and_model(cfg)
     callbacks = build_callbacks(cfg)
-    loggers = build_loggers(cfg)
+    loggers = task_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers, model)
     log_hyperparameters(cfg, trainer, model)
     return datamodule, model, trainer
 
 
+def build_without_data(cfg: DictConfig):
+    """`build_all` for stories the user gives (task=sample with sample.captions / captions_file, task=app): no
+    dataset is read, checked or generated. The data module is a predict-only one (`storyexp.data.predict`) with the
+    data config's batch size and the recorded frame size / fit (`use_checkpoint_data` puts the checkpoint's data
+    facts into `cfg.data` first). Seeding and build order are `build_all`'s, so the model is built identically."""
+    from storyexp.data.predict import PredictStories
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    apply_float32_matmul_precision(cfg)
+    data = cfg.get("data") or {}
+    datamodule = PredictStories(batch_size=int(data.get("batch_size", 8)), frame_size=data.get("frame_size"),
+                                frame_fit=str(data.get("frame_fit", "squash")), pin_memory=data.get("pin_memory", "auto"))
+    model = build_model(cfg)
+    callbacks = build_callbacks(cfg)
+    loggers = task_loggers(cfg)
+    trainer = build_trainer(cfg, callbacks, loggers, model)
+    log_hyperparameters(cfg, trainer, model)
+    return datamodule, model, trainer
+
+
+def use_checkpoint_data(cfg: DictConfig, path: str | None) -> list[str]:
+    """Put the data facts a storyexp checkpoint recorded (`ModelRecord`: task, character names, caption length,
+    tokenizer words, frame size) into `cfg.data`, command-line `data.*` values kept; returns the keys set. An
+    original checkpoint (`path` None) or one without the record keeps the composed data config."""
+    from storyexp.callbacks.model_record import DATA_RECORD, apply_data_record
+
+    if not path:
+        return []
+    record = (_load_checkpoint(path) or {}).get(RECORD_KEY) or {}
+    return apply_data_record(cfg, record.get(DATA_RECORD), _command_line(cfg))
+
+
 @rank_zero_only
-def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule) -> None:
-    if not trainer.loggers:
+def log_hyperparameters(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule,
+                        loggers: list | None = None) -> None:
+    """The composed config (every key but `hydra`, resolved) and the parameter counts, once, to every logger: the
+    only hyper-parameters a run's loggers get (the systems and the data module save theirs with `logger=False`, so
+    Lightning's own logging at fit start adds nothing and overwrites nothing, e.g. `task`).
+
+    `loggers`: these instead of the trainer's (`task=sample` logs the config to its W&B run only once there are
+    story grids to log: callbacks/wandb_run.py `log_samples`)."""
+    loggers = trainer.loggers if loggers is None else loggers
+    if not loggers:
         return
     hparams = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
                for key in cfg if key != "hydra"}
     hparams["params/total"] = sum(p.numel() for p in model.parameters())
     hparams["params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for logger in trainer.loggers:
+    for logger in loggers:
         logger.log_hyperparams(hparams)
 
 
@@ -289,6 +366,10 @@ def report(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float],
     summary: dict[str, Any] = {"metrics": dict(sorted(metrics.items())), "checkpoints": dict(checkpoints)}
     grids = sorted(str(p) for p in output_dir.glob("grids/**/*.png"))
     summary["grids"] = grids
+    # best/<monitored metric> in the W&B summary: the checkpoint callback's best score (the one tested)
+    best = record_best_checkpoint_scores(trainer)
+    if best:
+        summary["best"] = metrics_for_json(best)
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
             summary["wandb_dir"] = _wandb_run_dir(logger)

@@ -33,7 +33,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("No ckpt_path: evaluating the model built from %s.", original_weights(cfg))
     datamodule, model, trainer = build_all(cfg)
     ensure_classifier(cfg.eval, datamodule, output_dir=cfg.paths.output_dir)
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    # verbose=False: Lightning would print its own results table before storyexp's (report); one table
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
     metrics = collect_metrics(trainer)
     report(cfg, trainer, metrics, {"evaluated": given or original_weights(cfg)})
     return metrics

@@ -8,6 +8,10 @@ Stories come from, in order of precedence:
 For continuation the first frame is given: `sample.source_image=frame.png` for user captions (the
 first caption is that frame's), or the split's own first frame.
 
+User captions need nothing but the checkpoint: no dataset is read (or generated), and the data facts the model
+was built from (task, character names, caption length, tokenizer words, frame size) come from the checkpoint's
+record (`storyexp.callbacks.model_record`; a checkpoint from before that record uses the composed data config).
+
 The model is the checkpoint's own; `ckpt_path` may also be an original AR-LDM `last.ckpt` or a released StoryDALL-E
 `{epoch}.pth` (the composed model is built from it, tasks/original_checkpoints.py), and without `ckpt_path` the model
 built from `model.network.init_from_*` samples as it is.
@@ -28,10 +32,17 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from storyexp.callbacks.story_grid import save_png, story_grid
+from storyexp.callbacks.wandb_run import log_samples
 from storyexp.data import Story
 from storyexp.data.story import N_FRAMES
 from storyexp.errors import ConfigurationError, MissingResourceError
-from storyexp.tasks.common import build_all, require_ckpt, use_checkpoint_model
+from storyexp.tasks.common import (
+    build_all,
+    build_without_data,
+    require_ckpt,
+    use_checkpoint_data,
+    use_checkpoint_model,
+)
 
 log = logging.getLogger("storyexp")
 
@@ -40,8 +51,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     given = require_ckpt(cfg, allow_original=True)
     # an original checkpoint as ckpt_path is imported: the model is built from it and Lightning gets None
     ckpt_path = use_checkpoint_model(cfg, given) if given else None
+    if wants_user_stories(cfg):
+        # the user's own captions need the checkpoint alone: its recorded data facts, no dataset (build_without_data)
+        use_checkpoint_data(cfg, ckpt_path)
     given = user_stories(cfg)  # checked before anything heavy is built
-    datamodule, model, trainer = build_all(cfg)
+    datamodule, model, trainer = build_all(cfg) if given is None else build_without_data(cfg)
     if given is None:
         stories, has_truth = split_stories(cfg, datamodule), True
     else:
@@ -52,6 +66,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # under DDP every process writes the stories of its own shard (distinct files, as Lightning's
     # BasePredictionWriter does); each story's file name is its position in `stories`
     write_samples(out_dir, stories, predictions or [], model.num_targets, has_truth)
+    log_samples(cfg, trainer, out_dir, stories)  # the story grids to W&B, when a W&B logger is configured
     if trainer.is_global_zero:
         log.info("Story PNGs written to %s", out_dir)
     return {}
@@ -60,6 +75,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def split_stories(cfg: DictConfig, datamodule) -> Sequence[Story]:
     """The first `sample.num_stories` stories of `sample.split`."""
     return datamodule.first_stories(cfg.sample.get("split") or "test", cfg.sample.get("num_stories"))
+
+
+def wants_user_stories(cfg: DictConfig) -> bool:
+    """Whether the stories come from the user (`sample.captions` / `sample.captions_file`), not a split."""
+    opts = cfg.get("sample") or {}
+    return bool(opts.get("captions") or opts.get("captions_file"))
 
 
 def user_stories(cfg: DictConfig) -> list[Story] | None:
@@ -80,21 +101,28 @@ def user_stories(cfg: DictConfig) -> list[Story] | None:
                 "(or sample with data.task=visualization)."
             )
         source_frame = read_image(opts.source_image)
-    size = source_frame.shape[0] if source_frame is not None else int(cfg.model.image_size)
     stories = []
     for i, captions in enumerate(caption_sets):
-        if len(captions) != N_FRAMES:
-            where = "sample.captions" if opts.get("captions") else f"story {i} of {opts.captions_file}"
-            raise ConfigurationError(
-                f"{where} has {len(captions)} captions; stories have {N_FRAMES} frames: give {N_FRAMES} captions"
-                f"{', the first describing sample.source_image' if source_frame is not None else ''}."
-            )
-        # frames the model generates are only placeholders: they stay masked until generated
-        frames = [np.zeros((size, size, 3), np.uint8) for _ in range(N_FRAMES)]
-        if source_frame is not None:
-            frames[0] = source_frame
-        stories.append(Story(id=f"user/{i}", captions=[str(c) for c in captions], frames=frames, labels=None))
+        where = "sample.captions" if opts.get("captions") else f"story {i} of {opts.captions_file}"
+        hint = ", the first describing sample.source_image" if source_frame is not None else ""
+        stories.append(caption_story(captions, source_frame, int(cfg.model.image_size), i, where, hint))
     return stories
+
+
+def caption_story(captions: Sequence[str], source_frame: np.ndarray | None, image_size: int, index: int = 0,
+                  where: str = "the story", hint: str = "") -> Story:
+    """The story a user gives: its captions (one per frame), the given first frame for continuation, placeholder
+    frames for the rest; id `user/<index>` (the id seeds the story's draws, so task=sample and task=app draw the
+    same frames for the same story and seed)."""
+    if len(captions) != N_FRAMES:
+        raise ConfigurationError(f"{where} has {len(captions)} captions; stories have {N_FRAMES} frames: give "
+                                 f"{N_FRAMES} captions{hint}.")
+    size = source_frame.shape[0] if source_frame is not None else int(image_size)
+    # frames the model generates are only placeholders: they stay masked until generated
+    frames = [np.zeros((size, size, 3), np.uint8) for _ in range(N_FRAMES)]
+    if source_frame is not None:
+        frames[0] = source_frame
+    return Story(id=f"user/{index}", captions=[str(c) for c in captions], frames=frames, labels=None)
 
 
 def read_captions_file(path: str) -> list[list[str]]:
@@ -121,7 +149,15 @@ def read_image(path: str) -> np.ndarray:
     if not p.is_file():
         raise MissingResourceError("Source image (sample.source_image)", path)
     with Image.open(p) as im:
-        image = np.asarray(im.convert("RGB"))
+        return square_crop(np.asarray(im.convert("RGB")))
+
+
+def square_crop(image: np.ndarray) -> np.ndarray:
+    """The central square of an RGB image (uint8 [H, W, 3])."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    image = np.ascontiguousarray(image[..., :3]).astype(np.uint8, copy=False)
     side = min(image.shape[:2])  # square centre crop: the models generate square frames
     top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
     return np.ascontiguousarray(image[top:top + side, left:left + side])

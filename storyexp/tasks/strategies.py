@@ -33,7 +33,6 @@ BLIP-text layers).
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 from typing import Any
 
@@ -43,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from storyexp.errors import ConfigurationError
+from storyexp.utils import extras
 
 FSDP_TARGET = "lightning.pytorch.strategies.FSDPStrategy"
 DEEPSPEED_TARGET = "lightning.pytorch.strategies.DeepSpeedStrategy"
@@ -117,9 +117,10 @@ def check_strategy_config(cfg: dict[str, Any]) -> None:
     if str(trainer.get("precision")) in ("64-true", "bf16-true", "16-true"):
         raise ConfigurationError(f"trainer.precision={trainer.get('precision')} is not valid with trainer=deepspeed: "
                                  "use bf16-mixed, 16-mixed or 32-true.")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigurationError(f"trainer=deepspeed needs the deepspeed package: pip install {DEEPSPEED_PIN} "
-                                 "(requirements.txt; DS_BUILD_OPS=0, no compiled ops needed).")
+    # the extra's one-line message (storyexp.utils.extras; pyproject's `deepspeed` extra, pinned as DEEPSPEED_PIN in
+    # requirements.txt, installed with DS_BUILD_OPS=0: no compiled ops needed)
+    if not extras.is_installed("deepspeed"):
+        raise ConfigurationError(extras.extra_missing_message("deepspeed", "deepspeed", "trainer=deepspeed"))
 
 
 # ------------------------------------------------------------------------------------------------- model

@@ -40,7 +40,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         best = checkpoints.get("best")
         if not best:
             log.warning("No best checkpoint was recorded; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        # verbose=False: Lightning would print its own results table before storyexp's (report); one table
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         checkpoints["tested"] = best or None
         metrics.update(collect_metrics(trainer))
     report(cfg, trainer, metrics, checkpoints)

@@ -1,7 +1,8 @@
 """The whole config is checked before anything heavy is built: every mistake is one line naming key, value and fix.
 
 What is checked here: that the config resolves, the trainer's run-length / device / precision keys, the data loader
-sizes, `seed`, `float32_matmul_precision`, task=benchmark's suite options (`benchmark.suite` names a suite file), and
+sizes, `seed`, `float32_matmul_precision`, task=benchmark's suite options (`benchmark.suite` names a suite file),
+task=app's options (`app.*`), and
 the model's own options through its system's `check_config` (the story-system contract,
 `storyexp.systems.base.StorySystem.check_config`), located from `model._target_` without building anything.
 Lightning and the systems would reject most of these too, but only after data and weights are loaded, and with a
@@ -76,6 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_eval(resolved.get("eval") or {})
     _check_precompute(resolved)
     _check_benchmark(resolved)
+    _check_app(resolved)
     model = cfg.get("model")
     if model is not None and "_target_" in model:
         check = getattr(get_class(str(model._target_)), "check_config", None)
@@ -142,6 +144,27 @@ def _check_benchmark(resolved: dict[str, Any]) -> None:
             from storyexp.tasks.benchmark_suite import suite_path
 
             suite_path(suite)
+
+
+def _check_app(resolved: dict[str, Any]) -> None:
+    """task=app's options (storyexp/tasks/app.py); checked for every task, like the other task blocks."""
+    app = resolved.get("app") or {}
+    host = app.get("host", "127.0.0.1")
+    _require(isinstance(host, str) and host.strip() != "", "app.host", host,
+             "a host name or address to serve on (127.0.0.1: this machine only)")
+    port = app.get("port")
+    _require(port is None or (_is_int(port) and 1 <= port <= 65535), "app.port", port,
+             "null (the first free port from 7860) or an integer 1-65535")
+    for key in ("share", "open_browser"):
+        value = app.get(key, False)
+        _require(isinstance(value, bool), f"app.{key}", value, "true or false")
+    device = app.get("device", "auto")
+    _require(device in ("auto", "cpu", "cuda"), "app.device", device, "one of auto, cpu, cuda")
+    if resolved.get("task") == "app" and not resolved.get("ckpt_path"):
+        network = (resolved.get("model") or {}).get("network") or {}
+        if not any(str(k).startswith("init_from_") and v for k, v in network.items()):
+            raise ConfigurationError("task=app needs a checkpoint: add ckpt_path=/path/to/last.ckpt (or build the "
+                                     "model from original weights: model.network.init_from_*=...)")
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:

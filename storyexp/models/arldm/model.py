@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -604,6 +605,7 @@ class ARLDM(nn.Module):
         initial_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         skip_unread_feedback: bool = True,
+        on_frames: Callable[[int, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Auto-regressive guided sampling of all V target frames; returns uint8 [B, V, height, width, 3].
 
@@ -620,6 +622,9 @@ class ARLDM(nn.Module):
         (see ``blip.blip_resize``). ``skip_unread_feedback``: the last target's feedback (BLIP on the last generated
         frame, written into a history slot no frame reads) is skipped, one BLIP forward fewer and the same frames;
         False runs it as the original did.
+        ``on_frames``: optional plain callable, ``on_frames(i, uint8 [B, height, width, 3])`` right after target
+        frame i is decoded, before its feedback: the very tensor that becomes ``[:, i]`` of the result (so a listener
+        needs no second decode; it must not modify it). It only observes: the frames are the same without it.
 
         The steps (:meth:`sampling_contexts`, :meth:`SamplingContexts.frame`, :meth:`start_latents`,
         :meth:`denoise`, :meth:`decode_latents`, :meth:`encode_generated`, :meth:`history_update`,
@@ -647,6 +652,8 @@ class ARLDM(nn.Module):
             )
             images = to_uint8_images(self.decode_latents(latents))
             frames.append(images)
+            if on_frames is not None:
+                on_frames(i, images)
 
             # Feedback: the generated frame, with the ground-truth caption of its frame, becomes history slot
             # `slot` of the conditional context. The original does it for the last target too, although no frame

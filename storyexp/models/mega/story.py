@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from storyexp.models.draws import Generators, rand
-from storyexp.models.story_frames import sample_story_frames
+from storyexp.models.story_frames import OnFrames, sample_story_frames
 
 from .model import MegaDalle, unconditional_ids
 from .sampling import needs_unconditional, sample_image_tokens
@@ -85,9 +85,11 @@ def story_loss(model: MegaDalle, texts: Tensor, images: Tensor, source_codes: Te
 @torch.no_grad()
 def sample_story(model: MegaDalle, texts: Tensor, source_codes: Tensor | None, *, start_token: int,
                  sampled_vocab: int, top_k: int, temperature: float = 1.0, supercondition_factor: float = 1.0,
-                 generator: Generators = None, chain: bool = False, skip_unconditional: bool = True) -> Tensor:
+                 generator: Generators = None, chain: bool = False, skip_unconditional: bool = True,
+                 on_frames: OnFrames | None = None) -> Tensor:
     """Codes [B, L, T] for texts [B, L, N]; see `storyexp.models.story_frames` for the frame order.
-    `skip_unconditional`: at factor 1 the unconditional half is not computed (`sampling.needs_unconditional`)."""
+    `skip_unconditional`: at factor 1 the unconditional half is not computed (`sampling.needs_unconditional`).
+    `on_frames`: optional `on_frames(first, codes [B, n, T])` after each group of frames is drawn (observes only)."""
     B, L, N = texts.shape
     halves = needs_unconditional(supercondition_factor, skip_unconditional)
 
@@ -104,7 +106,7 @@ def sample_story(model: MegaDalle, texts: Tensor, source_codes: Tensor | None, *
         )
         return codes.view(B, len(frames), -1)
 
-    return sample_story_frames(draw, L, source_codes, chain)
+    return sample_story_frames(draw, L, source_codes, chain, on_frames)
 
 
 # ---------------------------------------------------------------------- tokenizers

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from storyexp.models.draws import Generators, multinomial
-from storyexp.models.story_frames import sample_story_frames
+from storyexp.models.story_frames import OnFrames, sample_story_frames
 from storyexp.utils.loading import check_state_dict
 
 from .sampling import next_code_probs
@@ -342,6 +342,7 @@ class StoryDalleNet(nn.Module):
         use_cache: bool = True,
         chain: bool = False,
         static_cache: bool = True,
+        on_frames: OnFrames | None = None,
     ) -> Tensor:
         """Sample a story's frames; texts [B, L, N], sentence_embeds [B, L, E], source_codes [B, S] -> [B, L, T].
 
@@ -356,6 +357,9 @@ class StoryDalleNet(nn.Module):
         preallocated once per frame batch and written in place, and the source frame's cross-attention keys and
         values are projected once (`StaticKVCache`); False = the cache grows by `torch.cat` and the source is
         re-projected at every step, as in the original. The same codes either way.
+
+        ``on_frames``: optional ``on_frames(first, codes [B, n, T])`` after each group of frames is drawn (frames
+        first..first+n-1; `storyexp.models.story_frames`); it only observes, the codes are the same without it.
         """
         B, L, N = texts.shape
         prompt = self.story_embeddings(sentence_embeds)
@@ -371,7 +375,7 @@ class StoryDalleNet(nn.Module):
             )
             return rows.view(B, n, -1)
 
-        return sample_story_frames(draw, L, source_codes, chain)
+        return sample_story_frames(draw, L, source_codes, chain, on_frames)
 
     def _sample_sequences(
         self,
