@@ -73,7 +73,11 @@ def main() -> None:
     if error:  # before Hydra composes (it would fail on the missing launcher plugin with a traceback)
         print(f"storyexp: error: {error}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except BrokenPipeError:  # `storyexp --help | head`: the reader left; no traceback (the Python docs' idiom)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

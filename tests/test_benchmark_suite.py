@@ -323,6 +323,7 @@ def test_peak_tflops_by_chip_name(monkeypatch):
     assert benchmark.peak_tflops(torch.device("cuda")) is None
 
 
+@pytest.mark.slow  # ~12 s of Hydra composition; test_cpu_suite_composes_every_case composes one case by default
 def test_every_cpu_suite_case_composes_on_both_sides(tmp_path):
     """The shipped CPU suite has no case that would be reported skipped: every side of every case composes and
     passes the config checks, and a switch's sides differ."""

@@ -36,13 +36,6 @@ def checkpoint(tiny_trained_run) -> tuple[Path, dict]:
     return out / "checkpoints" / "last.ckpt", metrics
 
 
-def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {"WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", "STORYEXP_DATA_DIR": str(cwd / "data"),
-           "STORYEXP_WEIGHTS_DIR": str(cwd / "weights"), "HOME": str(cwd)}
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args, f"paths.log_dir={cwd / 'logs'}"],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-
-
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -64,7 +57,7 @@ class _Marker:
 
 def user_error_line(tmp_path: Path, *overrides: str) -> str:
     """The task's user error, in this process (the CLI prints exactly this after "storyexp: error: ", as
-    test_a_bad_trainer_value_is_one_line_before_anything_is_built checks through launch.py)."""
+    test_a_bad_trainer_value_is_one_line_before_anything_is_built checks through the command's code)."""
     from storyexp.tasks import UserError
 
     with pytest.raises(UserError) as err:
@@ -243,8 +236,14 @@ def test_one_and_two_processes_write_the_same_metrics(checkpoint, shared_data_di
 # ------------------------------------------------------------------------------------ config mistakes
 
 
-def test_a_bad_trainer_value_is_one_line_before_anything_is_built(tmp_path):
-    line = one_line_error(launch("model=arldm_tiny", "trainer.max_epochs=abc", cwd=tmp_path))
+def test_a_bad_trainer_value_is_one_line_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """Through the `storyexp` command's own code (storyexp.cli.main, Hydra's parsing and the CLI's error printing), in
+    this process: a subprocess would add ~8 s of imports (tests/test_cli.py runs the real command lines)."""
+    from .conftest import storyexp_in_process
+
+    code, stderr = storyexp_in_process(["model=arldm_tiny", "trainer.max_epochs=abc", f"paths.log_dir={tmp_path / 'logs'}"],
+                                       tmp_path, monkeypatch, capsys)
+    line = one_line_error(subprocess.CompletedProcess([], code, "", stderr))
     assert "trainer.max_epochs='abc'" in line and "integer" in line
     assert not (tmp_path / "data").exists()  # nothing was built or generated
 

@@ -95,6 +95,9 @@ def test_gpu_suite_covers_the_switches_at_published_size():
     assert any("loader" in m for m in measures.values())  # loader headroom is reported
 
 
+# slow (about 12 s of Hydra composition for all cases): the GPU suite's coverage of every switch at published size is
+# checked by the default test_gpu_suite_covers_the_switches_at_published_size
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _case_names())
 def test_every_gpu_case_composes_and_its_sides_differ(tmp_path, name):
     from storyexp.tasks.benchmark_suite import compose_case
