@@ -163,11 +163,14 @@ def task_loggers(cfg: DictConfig) -> list:
 
 def build_all(cfg: DictConfig):
     datamodule, model = build_data_and_model(cfg)
-    callbacks = build_callbacks(cfg)
-    loggers = task_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers, model)
+    return datamodule, model, _build_trainer_for(cfg, model)
+
+
+def _build_trainer_for(cfg: DictConfig, model: L.LightningModule) -> L.Trainer:
+    """The callbacks, loggers and trainer of a built model, and its config logged once (build_all, build_without_data)."""
+    trainer = build_trainer(cfg, build_callbacks(cfg), task_loggers(cfg), model)
     log_hyperparameters(cfg, trainer, model)
-    return datamodule, model, trainer
+    return trainer
 
 
 def build_without_data(cfg: DictConfig):
@@ -182,13 +185,10 @@ def build_without_data(cfg: DictConfig):
     apply_float32_matmul_precision(cfg)
     data = cfg.get("data") or {}
     datamodule = PredictStories(batch_size=int(data.get("batch_size", 8)), frame_size=data.get("frame_size"),
-                                frame_fit=str(data.get("frame_fit", "squash")), pin_memory=data.get("pin_memory", "auto"))
+                                frame_fit=str(data.get("frame_fit", "squash")),
+                                pin_memory=data.get("pin_memory", "auto"))
     model = build_model(cfg)
-    callbacks = build_callbacks(cfg)
-    loggers = task_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers, model)
-    log_hyperparameters(cfg, trainer, model)
-    return datamodule, model, trainer
+    return datamodule, model, _build_trainer_for(cfg, model)
 
 
 def use_checkpoint_data(cfg: DictConfig, path: str | None) -> list[str]:
